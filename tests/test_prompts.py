@@ -104,8 +104,9 @@ def test_query_alone_too_long(smollm2):
 
 def test_byte_tokenizer_prompt(tiny_llama):
     task = load_task("demo")
-    # With one token per byte every label word would start with the space.
-    task.answer_prefix = ""
-    builder = PromptBuilder(task, tiny_llama.tokenizer)
+    tokenizer = tiny_llama.tokenizer
+    builder = PromptBuilder(task, tokenizer)
     prompt = builder.build(task.pool[:2], task.eval[0])
-    assert len(prompt) == 1 + len(prompt.text.encode("utf-8"))
+    assert tokenizer.decode(prompt.input_ids[1:]) == prompt.text
+    for segment in prompt.segments[1:]:
+        assert tokenizer.decode(prompt.input_ids[segment.start:segment.end]) == segment.text

@@ -145,6 +145,31 @@ class FeatureTable:
             metadata,
         )
 
+    @staticmethod
+    def concat_rows(tables: Iterable["FeatureTable"]) -> "FeatureTable":
+        """Stack tables with the same features over different examples (chunks of one run)."""
+        tables = list(tables)
+        if not tables:
+            raise ValueError("concat_rows needs at least one table.")
+        first = tables[0]
+        for table in tables[1:]:
+            if not table.columns.equals(first.columns):
+                raise ValueError("concat_rows needs tables with identical feature columns in the same order.")
+        metadata = dict(first.metadata)
+        for table in tables[1:]:
+            for key, value in table.metadata.items():
+                if isinstance(value, list) and isinstance(metadata.get(key), list):
+                    metadata[key] = metadata[key] + value
+                else:
+                    metadata.setdefault(key, value)
+        return FeatureTable(
+            np.concatenate([table.values for table in tables], axis=0),
+            first.columns.copy(),
+            [uid for table in tables for uid in table.uids],
+            [label for table in tables for label in table.labels],
+            metadata,
+        )
+
     def save(self, path: str | Path) -> None:
         """Write ``path`` (parquet) and ``path`` + ``.json`` (feature keys and metadata), each atomically."""
         path = Path(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import string
 import tempfile
 from pathlib import Path
 
@@ -50,19 +51,26 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
 
 
 def byte_level_tokenizer():
-    """Build a byte-level BPE tokenizer with no merges: one token per UTF-8 byte.
+    """Build a byte-level BPE tokenizer: one token per UTF-8 byte, plus space + alphanumeric pairs.
 
-    The end-of-text token doubles as BOS and EOS. The pad token is separate, so
-    tests can tell padding from content.
+    The pair merges give a word its own first token after a space (" positive"
+    starts with "Ġp", " negative" with "Ġn"), as real tokenizers do, so label
+    words of a task keep distinct first tokens. The end-of-text token doubles
+    as BOS and EOS. The pad token is separate, so tests can tell padding from
+    content.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    space = "\u0120"  # the byte-level alphabet's symbol for a space
+    merges = [(space, char) for char in string.ascii_letters + string.digits]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
@@ -73,10 +81,10 @@ def byte_level_tokenizer():
     )
     # TransformerLens reloads every tokenizer from its ``name_or_path`` (to add
     # BOS), so the tokenizer must live in a folder; a cached one is reused.
-    folder = default_cache_dir() / "tiny-byte-tokenizer"
+    folder = default_cache_dir() / "tiny-byte-tokenizer-v2"
     if not (folder / "tokenizer.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="tiny-byte-tokenizer.tmp-", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix="tiny-byte-tokenizer-v2.tmp-", dir=folder.parent))
         tokenizer.save_pretrained(str(tmp))
         try:
             os.replace(tmp, folder)

@@ -1,0 +1,5 @@
+import sys
+
+from actsel.cli.main import main
+
+sys.exit(main())
