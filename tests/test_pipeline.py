@@ -18,7 +18,7 @@ TINY_RUN = [
     "--model", "tiny-llama", "--task", "demo", "--quiet",
     "--set", "features.chunk_size=4", "--set", "features.layers=[0,1]",
     "--set", "utility.chunk_size=4",
-    "--strategies", "random,fast-vote-k,activation-rank", "--budgets", "4", "--seeds", "0",
+    "--strategies", "random,fast-votek,activation-rank", "--budgets", "4", "--seeds", "0",
     "--set", 'selection.rank_feature={"hook": "blocks.1.hook_mlp_out", "statistic": "kurtosis", "mask": "causal", "span": "example"}',
     "--set", "correlation.n_bootstrap=200",
 ]
@@ -96,7 +96,8 @@ def test_run_writes_every_output(tmp_path):
     report = (output / "report.html").read_text()
     assert "Largest |Spearman rho|" in report
     assert "Selection of demonstrations" in report
-    assert "https://cdn.plot.ly" not in report
+    assert "<script src=\"http" not in report
+    assert len(report) > 1_000_000, "plotly.js should be inlined"
 
 
 def test_sigkill_resume_is_identical(tmp_path):

@@ -30,7 +30,7 @@ ESTIMATORS = ("one_shot", "conditional", "influence")
 CONTEXTS = ("alone", "in_context")
 SPANS = ("example", "input", "label", "last")
 BUILTIN_MASKS = ("causal", "isolated", "isolated_sink", "label_blind", "sink_free")
-SELECTORS = ("random", "activation-rank", "activation-diversity", "kate", "uncertainty", "vote-k", "fast-vote-k", "oracle")
+SELECTORS = ("random", "activation-rank", "activation-diversity", "kate", "uncertainty", "votek", "fast-votek", "oracle")
 
 
 @dataclass

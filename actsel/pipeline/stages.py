@@ -214,20 +214,39 @@ class Run:
         return massive
 
     def select(self, features: FeatureTable | None = None, utility: UtilityResult | None = None) -> pd.DataFrame:
-        """Selective annotation and k-shot evaluation for every strategy, budget and seed."""
-        from actsel.selection import learning_curves, run_selection
+        """Selective annotation and k-shot evaluation for every strategy, budget and seed.
+
+        Each strategy is one resumable chunk; the paired comparison against
+        random is computed over all of them at the end.
+        """
         from actsel.analysis import save_html
+        from actsel.selection import SelectionResults, Strategy, learning_curves, run_selection
 
         cfg = self.config.selection
         needs_features = any(name.startswith("activation-") for name in cfg.strategies)
         features = features if features is not None else (self.load_features() if needs_features else None)
         utility = utility if utility is not None else (self.load_utility() if "oracle" in cfg.strategies else None)
         folder = self._cache_dir("selection", "features", "utility", "selection")
-        results = run_selection(
-            self.model, self.task, cfg.strategies, cfg.budgets, cfg.seeds, k=cfg.k, features=features,
-            utility=utility, rank_feature=cfg.rank_feature, rank_order=cfg.rank_order, cache_dir=folder,
-            progress=self.progress,
+
+        def strategy_for(name: str):
+            if name == "activation-rank":
+                return Strategy(name, params={**cfg.rank_feature, "order": cfg.rank_order})
+            return name
+
+        def compute(name: str) -> SelectionResults:
+            return run_selection(
+                self.model, self.task, [strategy_for(name)], cfg.budgets, cfg.seeds, k=cfg.k, features=features,
+                utility=utility, progress=False, eval_seed=self.config.seed,
+            )
+
+        parts = run_chunks(
+            folder, list(cfg.strategies), compute,
+            save=lambda result, path: _save_raw(result.raw, path),
+            load=lambda path: SelectionResults(pd.read_parquet(path), metric=""),
+            description="Selection strategies", progress=self.progress,
         )
+        metric = next((part.metric for part in parts if part.metric), "")
+        results = SelectionResults(pd.concat([part.raw for part in parts], ignore_index=True), metric=metric)
         table = results.table()
         with atomic_path(self.output / "selection.csv") as tmp:
             table.to_csv(tmp, index=False)
@@ -269,6 +288,11 @@ def concat_utilities(parts: list[UtilityResult]) -> UtilityResult:
         first.metric,
         metadata,
     )
+
+
+def _save_raw(raw: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        raw.to_parquet(tmp, index=False)
 
 
 def with_output(config: RunConfig, output: str) -> RunConfig:
