@@ -140,6 +140,7 @@ class SelectionConfig:
     budgets: list[int] = field(default_factory=lambda: [8, 16])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     k: int = 4
+    n_prompts: int = 2
     rank_feature: dict = field(default_factory=lambda: {
         "hook": "blocks.15.hook_mlp_out", "statistic": "kurtosis", "mask": "causal", "span": "example"})
     rank_order: str = "highest"
@@ -154,7 +155,7 @@ class SelectionConfig:
         for budget in self.budgets:
             if budget < self.k:
                 raise ConfigError(f"selection.budgets: budget {budget} is smaller than k={self.k}; every prompt needs k selected examples.")
-        _check_positive("selection", self, ("k",))
+        _check_positive("selection", self, ("k", "n_prompts"))
 
 
 @dataclass

@@ -189,7 +189,12 @@ class Run:
                   figures / "heatmap_by_mask.html")
         save_html(correlation_heatmap(correlations, facet="hook", title=f"Spearman rho per layer: {self.task.name}"),
                   figures / "heatmap_by_hook.html")
-        save_html(moment_distributions(features, statistic="kurtosis"), figures / "kurtosis_by_layer.html")
+        from actsel.analysis.plots_common import hook_without_layer
+
+        for hook in sorted({hook_without_layer(name) for name in features.columns["hook"]}):
+            for mask in sorted(set(features.columns["mask"])):
+                figure = moment_distributions(features, statistic="kurtosis", hook=hook, mask=mask)
+                save_html(figure, figures / f"kurtosis_{hook.replace('.', '_')}_{mask}.html")
         finite = correlations.dropna(subset=["rho"])
         if len(finite):
             best = finite.loc[finite["rho"].abs().idxmax()]
@@ -236,7 +241,7 @@ class Run:
         def compute(name: str) -> SelectionResults:
             return run_selection(
                 self.model, self.task, [strategy_for(name)], cfg.budgets, cfg.seeds, k=cfg.k, features=features,
-                utility=utility, progress=False, eval_seed=self.config.seed,
+                utility=utility, progress=False, eval_seed=self.config.seed, n_prompts=cfg.n_prompts,
             )
 
         parts = run_chunks(
