@@ -45,8 +45,8 @@ class TaskConfig:
     label_column: str = "label"
     template: str | None = None
     data_dir: str | None = None
-    n_pool: int | None = 80
-    n_eval: int | None = 40
+    n_pool: int | None = 60
+    n_eval: int | None = 30
     seed: int = 0
 
     def __post_init__(self) -> None:
