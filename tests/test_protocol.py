@@ -119,7 +119,7 @@ def synthetic_results() -> SelectionResults:
     for seed in range(6):
         for budget in (4, 8):
             base = 0.5 + 0.05 * rng.normal()
-            for strategy, shift in (("random", 0.0), ("votek", 0.05), ("same", 0.0)):
+            for strategy, shift in (("random", 0.0), ("votek", 0.05), ("same", 0.0), ("offset", 0.05)):
                 score = base + shift + (0.02 * rng.normal() if strategy == "votek" else 0.0)
                 rows.append({"strategy": strategy, "selector": strategy, "retrieval": "fixed", "budget": budget,
                              "seed": seed, "score": score, "metric": "accuracy", "n_eval": 10, "rounds": 1,
@@ -145,6 +145,9 @@ def test_table_statistics_match_scipy():
         # Identical scores: zero difference, no test.
         assert table.loc[("same", budget), "diff_vs_random"] == 0.0
         assert np.isnan(table.loc[("same", budget), "p_value"])
+        # A constant non-zero difference has no variance, so no t-test (scipy would give p = 0).
+        assert table.loc[("offset", budget), "diff_vs_random"] == pytest.approx(0.05)
+        assert np.isnan(table.loc[("offset", budget), "p_value"])
 
 
 def test_learning_curves_band(tmp_path):

@@ -158,7 +158,8 @@ class SelectionResults:
         the same budget and seed. ``p_value`` is the paired t-test
         (``scipy.stats.ttest_rel``) on those pairs, and ``p_wilcoxon`` the
         Wilcoxon signed-rank test (``scipy.stats.wilcoxon``). Both are NaN for
-        the baseline, for fewer than two pairs, or when every difference is zero.
+        the baseline, for fewer than two pairs, or when every difference is the same (the t statistic
+        is then undefined, and scipy would report p = 0 for a constant non-zero difference).
         """
         rows = []
         base = self.raw[self.raw["strategy"] == baseline].set_index(["budget", "seed"])["score"]
@@ -172,7 +173,7 @@ class SelectionResults:
                 if paired:
                     diffs = np.array([a - b for a, b in paired])
                     row["diff_vs_random"] = diffs.mean()
-                    if len(diffs) >= 2 and np.any(diffs != 0):
+                    if len(diffs) >= 2 and not np.allclose(diffs, diffs[0], rtol=0.0, atol=1e-12):
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore", RuntimeWarning)
                             row["p_value"] = stats.ttest_rel([a for a, _ in paired], [b for _, b in paired]).pvalue
