@@ -114,3 +114,15 @@ def test_list_models_marks_bundled():
     assert specs[DEFAULT_MODEL].available_offline
     assert "meta-llama/Llama-3.2-3B" in specs
     assert "Qwen/Qwen2.5-3B" in specs
+
+
+def test_smollm2_zero_shot_sst2(smollm2, data_dir):
+    """Zero-shot SST-2 accuracy of the bundled model with the task's default template."""
+    from actsel.tasks import load_task
+    from actsel.utility.scoring import score_with_prefix
+
+    task = load_task("sst2", data_dir=data_dir)
+    queries = task.eval[:200]
+    correct = score_with_prefix(smollm2, task, [], queries, "accuracy", batch_size=50)
+    assert correct.shape == (200,)
+    assert correct.mean() >= 0.70
