@@ -98,7 +98,7 @@ NOTEBOOKS = {
         new_code_cell('model = actsel.load_model()\n' + TASK),
         new_code_cell('from actsel.sae.train import train_sae\n\n'
                       'sae, metrics = train_sae(model, task, hook="blocks.15.hook_resid_post", d_sae=256 if SMALL else 2048,\n'
-                      '                         training_tokens=4_096 if SMALL else 200_000)\n'
+                      '                         training_tokens=4_096 if SMALL else 200_000, overwrite=True)\n'
                       'metrics'),
         new_code_cell('from actsel.sae import extract_sae_features\n\n'
                       'sae_features = extract_sae_features(model, task, sae, progress=not SMALL)\n'
