@@ -96,7 +96,7 @@ def list_models(include_official: bool = True) -> list[ModelInfo]:
     """List the model specs ``load_model`` accepts.
 
     Official TransformerLens names are marked available offline only when the
-    HF cache already holds their config; everything else needs the hub.
+    HF cache already contains their config; everything else needs the hub.
     """
     rows = []
     try:

@@ -35,7 +35,7 @@ SELECTORS = ("random", "activation-rank", "activation-diversity", "kate", "uncer
 
 @dataclass
 class TaskConfig:
-    """Which task, and how many pool and evaluation examples to draw from it."""
+    """Task source and the number of pool and evaluation examples to draw from it."""
 
     name: str | None = "demo"
     files: list[str] | None = None
@@ -199,7 +199,7 @@ def _check_positive(section: str, config, names) -> None:
 
 
 def _type_matches(value: Any, annotation: Any) -> bool:
-    """Whether ``value`` fits a simple annotation such as ``int | None`` or ``list[str]``."""
+    """Check whether ``value`` fits a simple annotation such as ``int | None`` or ``list[str]``."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_matches(value, option) for option in typing.get_args(annotation))

@@ -229,8 +229,10 @@ class Run:
 
         cfg = self.config.selection
         needs_features = any(name.startswith("activation-") for name in cfg.strategies)
-        features = features if features is not None else (self.load_features() if needs_features else None)
-        utility = utility if utility is not None else (self.load_utility() if "oracle" in cfg.strategies else None)
+        if features is None and needs_features:
+            features = self.load_features()
+        if utility is None and "oracle" in cfg.strategies:
+            utility = self.load_utility()
         folder = self._cache_dir("selection", "features", "utility", "selection")
 
         def strategy_for(name: str):
@@ -266,7 +268,7 @@ class Run:
         return write_report(self)
 
     def run_all(self) -> Path:
-        """Every stage in order; a later call resumes from the caches."""
+        """Run every stage in order; a later call resumes from the caches."""
         self.write_manifest()
         features = self.extract()
         utility = self.utility()

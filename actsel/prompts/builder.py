@@ -194,7 +194,7 @@ class PromptBuilder:
         char_starts = np.cumsum([0] + [len(piece_text) for _, piece_text, _ in pieces])
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         body_ids = list(encoded["input_ids"])
-        # A token belongs to the piece that holds its first character. Pieces
+        # A token belongs to the piece that contains its first character. Pieces
         # meet at whitespace, so no token should cross a boundary; one that does
         # is counted and reported rather than split.
         token_starts = np.asarray([start for start, _ in encoded["offset_mapping"]], dtype=np.int64)

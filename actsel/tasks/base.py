@@ -92,7 +92,7 @@ class Task:
         return self.input_template.format(**example.fields)
 
     def answer_text(self, example: Example) -> str:
-        """The answer as it follows the input in a prompt, prefix included."""
+        """Return the answer text as it follows the input in a prompt, prefix included."""
         if self.kind == "classification":
             return self.answer_prefix + self.verbalizer[example.label]
         return self.answer_prefix + example.label

@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 DEMO_FILE = Path(__file__).parent / "data" / "demo.jsonl"
 
-# Templates and verbalizers follow common practice for small causal LMs; each is
-# one word per class, checked for distinct first tokens when a prompt is built.
+# Templates and verbalizers follow common practice for small causal LMs. Each
+# verbalizer has one word per class, and a prompt builder checks that their first tokens differ.
 SST2_VERBALIZER = {"negative": "negative", "positive": "positive"}
 TREC_VERBALIZER = {
     "ABBR": "abbreviation",

@@ -1,6 +1,6 @@
 """User tasks from CSV, JSONL or parquet files, or a Hugging Face hub dataset id.
 
-Files are read with ``datasets.load_dataset`` so every format it knows works the
+Files are read with ``datasets.load_dataset`` so every format it reads works the
 same way; a column mapping names the text fields and the label column.
 """
 
