@@ -1,7 +1,7 @@
 """Benchmark one-shot utility scoring: prefix caching vs unbatched vs batched full recomputation.
 
 Usage:
-    python benchmarks/bench_utility.py speed --n-candidates 8 --n-queries 32
+    python benchmarks/bench_utility.py speed --n-candidates 8 --n-queries 32 --prefix-tokens 60
     python benchmarks/bench_utility.py gain --n-candidates 20 --n-queries 50
 
 ``speed`` scores N SST-2 candidates as the only demonstration on M evaluation
@@ -12,6 +12,9 @@ the largest score difference between the methods:
   through its key-value cache);
 - unbatched: ``score_prompts`` with batch size 1 (every prompt run alone);
 - batched: one ``score_prompts`` call over all N x M prompts, grouped by length.
+
+Each method runs ``--repeats`` times, interleaved, and the fastest run counts.
+``--prefix-tokens`` picks candidates by prefix length instead of the first N.
 
 ``gain`` runs ``estimate_utility(..., "one_shot")`` and prints the time, the
 zero-shot score, the spread of the utilities and the split-half correlation.
@@ -44,42 +47,62 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--metric", default="label_logprob", help="per-query metric")
     parser.add_argument("--batch-size", type=int, default=32, help="queries (or prompts) per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the example draw")
+    parser.add_argument("--repeats", type=int, default=2, help="speed: interleaved repeats; the fastest counts")
+    parser.add_argument("--prefix-tokens", type=int, default=None,
+                        help="speed: take the candidates whose one-shot prefix is closest to this many tokens "
+                             "(default: the first N of the pool)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser.parse_args()
 
 
+def _candidates_near(task, builder, queries, n: int, prefix_tokens: int | None):
+    """Return the first ``n`` pool examples, or the ``n`` whose one-shot prefix is closest to ``prefix_tokens``."""
+    if prefix_tokens is None:
+        return list(task.pool[:n])
+    lengths = [builder.build([c], queries[0]).span("query_input")[0] for c in task.pool]
+    order = np.argsort([abs(length - prefix_tokens) for length in lengths], kind="stable")
+    return [task.pool[i] for i in order[:n]]
+
+
 def run_speed(model, task, args) -> dict:
-    candidates, queries = task.pool, task.eval
+    queries = task.eval
     builder = PromptBuilder(task, model.tokenizer)
+    candidates = _candidates_near(task, builder, queries, args.n_candidates, args.prefix_tokens)
     prefix_lengths = [builder.build([c], queries[0]).span("query_input")[0] for c in candidates]
     query_lengths = [len(builder.build([], q)) - 1 for q in queries]
-
-    score_with_prefix(model, task, candidates[:1], queries[:2], args.metric)  # warm-up
-
-    start = time.perf_counter()
-    cached = np.stack([score_with_prefix(model, task, [c], queries, args.metric, batch_size=args.batch_size)
-                       for c in candidates])
-    t_cached = time.perf_counter() - start
-
     demos = [[c] for c in candidates for _ in queries]
     flat_queries = [q for _ in candidates for q in queries]
-    start = time.perf_counter()
-    batched = score_prompts(model, task, demos, flat_queries, args.metric, batch_size=args.batch_size)
-    t_batched = time.perf_counter() - start
 
-    start = time.perf_counter()
-    single = score_prompts(model, task, demos, flat_queries, args.metric, batch_size=1)
-    t_single = time.perf_counter() - start
+    def cached():
+        return np.stack([score_with_prefix(model, task, [c], queries, args.metric, batch_size=args.batch_size)
+                         for c in candidates]).ravel()
 
+    def batched():
+        return score_prompts(model, task, demos, flat_queries, args.metric, batch_size=args.batch_size)
+
+    def unbatched():
+        return score_prompts(model, task, demos, flat_queries, args.metric, batch_size=1)
+
+    score_with_prefix(model, task, candidates[:1], queries[:2], args.metric)  # warm-up
+    paths = {"cached": cached, "batched": batched, "unbatched": unbatched}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    scores = {}
+    for _ in range(args.repeats):  # interleaved, so a change in load affects every path alike
+        for name, function in paths.items():
+            start = time.perf_counter()
+            scores[name] = function()
+            seconds[name].append(time.perf_counter() - start)
+    best = {name: min(values) for name, values in seconds.items()}
     pairs = len(candidates) * len(queries)
     return {
-        "n_candidates": len(candidates), "n_queries": len(queries),
+        "n_candidates": len(candidates), "n_queries": len(queries), "repeats": args.repeats,
         "mean_prefix_tokens": float(np.mean(prefix_lengths)), "mean_query_tokens": float(np.mean(query_lengths)),
-        "seconds_cached": t_cached, "seconds_unbatched": t_single, "seconds_batched": t_batched,
-        "speedup_vs_unbatched": t_single / t_cached, "speedup_vs_batched": t_batched / t_cached,
-        "ms_per_pair_cached": 1000 * t_cached / pairs,
-        "max_abs_diff_vs_unbatched": float(np.abs(cached.ravel() - single).max()),
-        "max_abs_diff_vs_batched": float(np.abs(cached.ravel() - batched).max()),
+        "seconds": {name: [round(v, 2) for v in values] for name, values in seconds.items()},
+        "speedup_vs_unbatched": best["unbatched"] / best["cached"],
+        "speedup_vs_batched": best["batched"] / best["cached"],
+        "ms_per_pair_cached": 1000 * best["cached"] / pairs,
+        "max_abs_diff_vs_unbatched": float(np.abs(scores["cached"] - scores["unbatched"]).max()),
+        "max_abs_diff_vs_batched": float(np.abs(scores["cached"] - scores["batched"]).max()),
     }
 
 
@@ -102,7 +125,11 @@ def run_gain(model, task, args) -> dict:
 def main() -> None:
     args = parse_args()
     model = load_model(args.model, device="cpu", dtype="float32")
-    task = load_task(args.task).subsample(args.n_candidates, args.n_queries, seed=args.seed)
+    task = load_task(args.task)
+    if args.mode == "speed" and args.prefix_tokens is not None:
+        task = task.subsample(min(len(task.pool), 50 * args.n_candidates), args.n_queries, seed=args.seed)
+    else:
+        task = task.subsample(args.n_candidates, args.n_queries, seed=args.seed)
     results = run_speed(model, task, args) if args.mode == "speed" else run_gain(model, task, args)
     results.update({"mode": args.mode, "model": args.model, "task": args.task, "metric": args.metric,
                     "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from actsel.activations.hooks import STATISTICS, span_statistics
+from actsel.activations.hooks import STATISTICS, _span_median, span_statistics
 from actsel.activations.moments import Moments, combine_tokens, token_moments
 
 RTOL = 1e-6
@@ -135,6 +135,24 @@ def test_span_statistics_match_numpy():
     assert counts["count_massive"] == 1
     assert counts["argmax_pos"] == 2
     assert counts["argmax_dim"] == 5
+
+
+@pytest.mark.parametrize("d", [1, 5, 6, 1501])  # up to 9 x 6 values: direct selection; 9 x 1501: histogram
+def test_span_median_odd_even_empty(d):
+    rng = np.random.default_rng(d)
+    magnitude = torch.from_numpy(np.abs(_heavy_tailed(rng, (6, 9, d)))).float()
+    in_span = torch.from_numpy(rng.random((6, 9)) > 0.5)
+    in_span[0] = False  # empty span
+    in_span[1] = False
+    in_span[1, 4] = True  # a single token: d values, odd or even
+    in_span[2] = True  # every token
+    magnitude[3, :, : d // 2] = magnitude[3, 0, 0]  # ties around the middle
+    bits = magnitude.view(torch.int32)
+    got = _span_median(bits, in_span).numpy()
+    assert np.isnan(got[0])
+    for row in range(1, 6):
+        expected = np.median(magnitude[row][in_span[row]].double().numpy())
+        np.testing.assert_allclose(got[row], expected, rtol=1e-12, err_msg=f"row {row}")
 
 
 def test_span_statistics_flag_nonfinite_and_empty():

@@ -118,16 +118,19 @@ def token_moments(
     Returns:
         ``(mean, m2, m3, m4)``, each of shape (batch, pos) and dtype float64.
     """
-    values = activations.to(torch.float64)
-    mean = values.mean(dim=-1)
-    centred = values - mean[..., None]
+    centred = activations.to(torch.float64, copy=True)  # a copy, so the in-place steps below never touch the input
+    mean = centred.mean(dim=-1)
+    centred.sub_(mean[..., None])
     squared = centred * centred
-    return mean, squared.sum(-1), (squared * centred).sum(-1), (squared * squared).sum(-1)
+    m2 = squared.sum(-1)
+    m3 = centred.mul_(squared).sum(-1)
+    m4 = squared.mul_(squared).sum(-1)
+    return mean, m2, m3, m4
 
 
 def combine_tokens(
     token_stats: tuple[torch.Tensor, ...],
-    in_span: Bool[torch.Tensor, "batch pos"],
+    in_span: Bool[torch.Tensor, "*spans batch pos"],
     d: int,
 ) -> tuple[torch.Tensor, ...]:
     """Merge per-token moments into span moments with the multi-group Pébay formulas.
@@ -141,13 +144,15 @@ def combine_tokens(
 
     Args:
         token_stats: ``(mean, m2, m3, m4)`` from ``token_moments``, shape (batch, pos).
-        in_span: True for the tokens in each row's span.
+        in_span: True for the tokens in each row's span; leading dimensions
+            (several spans at once) broadcast against ``token_stats``.
         d: number of values per token.
 
     Returns:
-        ``(n, mean, m2, m3, m4)`` of each row's span, shape (batch,), float64. Rows
-        with an empty span get ``n = 0`` and NaN for the rest. Tokens outside the
-        span never contribute, even when their values are not finite.
+        ``(n, mean, m2, m3, m4)`` of each row's span, shape ``in_span.shape[:-1]``,
+        float64. Rows with an empty span get ``n = 0`` and NaN for the rest.
+        Tokens outside the span never contribute, even when their values are
+        not finite.
     """
     mean_t, m2_t, m3_t, m4_t = token_stats
     zero = torch.zeros((), dtype=mean_t.dtype, device=mean_t.device)
@@ -157,7 +162,7 @@ def combine_tokens(
 
     tokens = in_span.sum(-1).to(mean_t.dtype)
     mean = span_sum(mean_t) / tokens
-    delta = mean_t - mean[:, None]
+    delta = mean_t - mean[..., None]
     delta2 = delta * delta
     m2 = span_sum(m2_t + d * delta2)
     m3 = span_sum(m3_t + 3.0 * delta * m2_t + d * delta2 * delta)
