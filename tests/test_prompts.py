@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from actsel.prompts import PromptBuilder, PromptTooLongError, collate
+from actsel.prompts import PromptBuilder, PromptTooLongError, batches_by_length, collate
 from actsel.tasks import list_tasks, load_task
 
 
@@ -110,3 +110,19 @@ def test_byte_tokenizer_prompt(tiny_llama):
     assert tokenizer.decode(prompt.input_ids[1:]) == prompt.text
     for segment in prompt.segments[1:]:
         assert tokenizer.decode(prompt.input_ids[segment.start:segment.end]) == segment.text
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.15, 0.5])
+def test_batches_by_length_bound_padding(max_padding):
+    rng = np.random.default_rng(0)
+    rows = [np.zeros(n) for n in rng.integers(5, 60, size=101)]
+    batches = batches_by_length(rows, 8, max_padding=max_padding)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(rows)))
+    for batch in batches:
+        lengths = [len(rows[i]) for i in batch]
+        assert len(batch) <= 8
+        assert 1 - sum(lengths) / (max(lengths) * len(lengths)) <= max_padding + 1e-12
+    # Without the bound, batches are full and may mix short and long rows.
+    loose = batches_by_length(rows, 8)
+    assert [len(batch) for batch in loose[:-1]] == [8] * (len(loose) - 1)
+    assert len(batches) >= len(loose)

@@ -51,9 +51,36 @@ def collate(prompts: Sequence[Prompt], pad_id: int, device: str | torch.device =
     return Batch(tokens.to(device), attention_mask.to(device), lengths, list(prompts))
 
 
-def batches_by_length(prompts: Sequence[Prompt], batch_size: int) -> list[list[int]]:
-    """Group prompt indices into batches of similar length to keep padding small."""
+def batches_by_length(prompts: Sequence, batch_size: int, max_padding: float | None = None) -> list[list[int]]:
+    """Group prompt indices into batches of similar length to keep padding small.
+
+    Args:
+        prompts: anything with a length (prompts, token arrays).
+        batch_size: maximum number of prompts per batch.
+        max_padding: if set, also start a new batch before padding would make
+            up more than this fraction of a batch's positions. On a CPU the
+            cost of a forward pass grows with the padded positions while a
+            smaller batch costs little, so short and long prompts are better
+            kept apart.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if max_padding is not None and not 0 <= max_padding < 1:
+        raise ValueError(f"max_padding must be in [0, 1), got {max_padding}.")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_padding is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in order:
+        length = len(prompts[index])
+        grown = len(current) + 1
+        # Sorted ascending, so the newcomer sets the batch width.
+        if current and (len(current) == batch_size or 1 - (real + length) / (length * grown) > max_padding):
+            batches.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += length
+    batches.append(current)
+    return batches

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 EXACT_MATCH_MIN_NEW_TOKENS = 10
 EXACT_MATCH_EXTRA_TOKENS = 4
 
+# Scoring batches hold prompts (or continuations) of similar length: at most this
+# fraction of a batch's positions is padding (see batches_by_length).
+MAX_PADDING = 0.15
+
 MaskSpec = str | Callable[[Prompt], np.ndarray] | None
 
 
@@ -104,7 +108,9 @@ def score_prompts(
         metric: one of ``METRICS`` that is defined for the task kind.
         mask: attention-mask strategy name or callable (``actsel.masks``);
             None or ``"causal"`` for plain causal attention.
-        batch_size: prompts per forward pass; prompts are grouped by length.
+        batch_size: maximum number of prompts per forward pass. Prompts are
+            grouped by length, and a batch ends early before more than
+            ``MAX_PADDING`` of its positions would be padding.
         progress: show a progress bar over batches.
 
     Returns:
@@ -122,7 +128,7 @@ def score_prompts(
     prompts = [scorer.build(demos, query) for demos, query in zip(demos_per_query, queries)]
     allowed = scorer.allowed(prompts)
     scores = np.empty(len(prompts), dtype=np.float64)
-    batches = batches_by_length(prompts, batch_size)
+    batches = batches_by_length(prompts, batch_size, max_padding=MAX_PADDING)
     for batch in tqdm(batches, desc="scoring prompts", disable=not progress, leave=False):
         scores[batch] = _score_batch(
             scorer, [prompts[i] for i in batch], [queries[i] for i in batch], None,
@@ -145,7 +151,8 @@ def score_with_prefix(
 
     The prefix (BOS, the demonstrations and the separator before the query; only
     BOS for zero-shot) goes through the model once. Every query's tokens then run
-    through a frozen copy of its key-value cache, ``batch_size`` queries per pass.
+    through a frozen copy of its key-value cache, at most ``batch_size``
+    queries of similar length per pass.
     A query whose prompt does not start with the same tokens (a token merged
     across the boundary) or, under a custom mask, the same prefix mask block is
     scored in full instead, with a warning.
@@ -186,8 +193,9 @@ def score_with_prefix(
     if full:
         groups.append((full, None))
     for indices, prefix in groups:
-        subset = [prompts[i] for i in indices]
-        for batch in batches_by_length(subset, batch_size):
+        offset = 0 if prefix is None else prefix.length
+        continuations = [prompts[i].input_ids[offset:] for i in indices]
+        for batch in batches_by_length(continuations, batch_size, max_padding=MAX_PADDING):
             rows = [indices[i] for i in batch]
             scores[rows] = _score_batch(
                 scorer, [prompts[i] for i in rows], [queries[i] for i in rows], prefix,
