@@ -17,7 +17,7 @@ def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("ACTSEL_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(notebook, timeout=1200, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()
     errors = [output for cell in notebook.cells if cell.cell_type == "code"
