@@ -66,7 +66,8 @@ def main() -> None:
         raise SystemExit(f"The SAE in {args.sae} records no hook point; this script needs one from its cfg.json.")
 
     started = time.perf_counter()
-    examples = [example for example in run.task.pool if example.uid in set(features.uids)]
+    wanted = set(features.uids)
+    examples = [example for example in run.task.pool if example.uid in wanted]
     sae_table = extract_sae_features(run.model, run.task, sae, examples, mask=args.mask, spans=(args.span,))
     print(f"SAE features of {len(examples)} candidates in {time.perf_counter() - started:.0f} s")
     # Latent indices are category codes; a rank correlation over them means nothing.

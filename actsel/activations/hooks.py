@@ -50,7 +50,7 @@ def _span_median(
 ) -> Float[torch.Tensor, " batch"]:
     """Median of each row's in-span values as ``numpy.median`` defines it (float64; NaN for an empty span).
 
-    ``bits`` holds the int32 bit patterns of non-negative float32 magnitudes,
+    ``bits`` contains the int32 bit patterns of non-negative float32 magnitudes,
     which order like the values. A histogram over the top bits of the patterns
     finds, per row, the bin that holds each middle value; only the values in
     that bin (a few percent of the span) are then sorted. This takes a few
@@ -77,6 +77,7 @@ def _span_median(
         lower = padded.nanmedian(dim=-1).values.to(torch.float64)
         upper = -(-padded).nanmedian(dim=-1).values.to(torch.float64)
         return torch.where(count > 0, (lower + upper) / 2, median)
+    # NOTE: this path was tested on the CPU only; on CUDA, bincount and searchsorted are untested here.
     coarse = span_bits >> MEDIAN_BIN_SHIFT
     index = (coarse + (token_row * MEDIAN_BINS)[:, None]).reshape(-1)
     cumulative = torch.bincount(index, minlength=batch * MEDIAN_BINS).reshape(batch, MEDIAN_BINS).cumsum(-1)
@@ -131,7 +132,7 @@ def span_statistics(
 
     stats = token_moments(values)
     token_variance, token_skewness, token_kurtosis = _derived(torch.full_like(stats[0], d), *stats[1:])
-    token_finite = torch.isfinite(stats[0])  # a float64 sum of float32 values is finite iff they all are
+    token_finite = torch.isfinite(stats[0])  # a float64 sum of float32 values is finite if and only if they all are
 
     magnitude = values.abs().to(torch.float32)  # exact for float16/bfloat16/float32 inputs
     bits = magnitude.view(torch.int32) & 0x7FFFFFFF  # NaN may keep its sign bit
