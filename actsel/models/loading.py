@@ -20,6 +20,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from actsel.models.convert import hf_to_hooked, load_gguf
+from actsel.models.layout import use_linear_layout
 from actsel.models.tiny import TINY_CONFIGS, tiny_model
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def _finish(model: HookedTransformer, device: str) -> HookedTransformer:
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    use_linear_layout(model)
     if model.tokenizer is not None and model.tokenizer.pad_token_id is None:
         model.tokenizer.pad_token = model.tokenizer.eos_token
     logger.info("Loaded %s (%d layers, d_model %d) on %s", model.cfg.model_name, model.cfg.n_layers, model.cfg.d_model, device)
