@@ -89,7 +89,11 @@ def _span_median(
     below = torch.where(low_bin > 0, cumulative.gather(1, (low_bin - 1).clamp_min(0)), 0)[:, 0]
     token_low = low_bin.to(torch.int32)[token_row.long()]
     token_high = high_bin.to(torch.int32)[token_row.long()]
-    token, column = ((coarse >= token_low) & (coarse <= token_high)).nonzero(as_tuple=True)
+    if bool((low_bin == high_bin).all()):  # the usual case: both middle values share a bin
+        in_middle = coarse == token_low
+    else:
+        in_middle = (coarse >= token_low) & (coarse <= token_high)
+    token, column = in_middle.nonzero(as_tuple=True)
     row = token_row[token].to(torch.int64)
     ordered = ((row << 31) | span_bits[token, column].to(torch.int64)).sort().values
     values = (ordered & 0x7FFFFFFF).to(torch.int32).view(torch.float32).to(torch.float64)
@@ -137,9 +141,14 @@ def span_statistics(
     magnitude = values.abs().to(torch.float32)  # exact for float16/bfloat16/float32 inputs
     bits = magnitude.view(torch.int32) & 0x7FFFFFFF  # NaN may keep its sign bit
     token_max, token_argmax = magnitude.max(dim=-1)  # (batch, pos)
-    token_above = (magnitude > MASSIVE_MIN_ABS).sum(-1)  # (batch, pos)
-    # Values above the absolute threshold are few; keep their coordinates for the ratio test.
-    above_row, above_pos, above_dim = torch.nonzero(magnitude > MASSIVE_MIN_ABS, as_tuple=True)
+    # Values above the absolute threshold are few, so they are counted and located
+    # only in the tokens whose maximum passes it.
+    hot_row, hot_pos = torch.nonzero(token_max > MASSIVE_MIN_ABS, as_tuple=True)
+    hot_above = magnitude[hot_row, hot_pos] > MASSIVE_MIN_ABS  # (hot tokens, d)
+    token_above = torch.zeros_like(token_argmax)  # (batch, pos)
+    token_above[hot_row, hot_pos] = hot_above.sum(-1)
+    hot_token, above_dim = torch.nonzero(hot_above, as_tuple=True)
+    above_row, above_pos = hot_row[hot_token], hot_pos[hot_token]
     above_value = magnitude[above_row, above_pos, above_dim].to(torch.float64)
 
     # Every span at once: (span, batch, pos) masks broadcast against (batch, pos) per-token values.
