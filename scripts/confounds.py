@@ -14,6 +14,9 @@ folder and prints:
 - the largest |rho| within each label that has at least ``--min-label-size``
   candidates.
 
+For a generation task the label is the answer text, so only length is
+adjusted for and no within-label comparison is made.
+
 Each |rho| comes with its Benjamini-Hochberg q-value over all features of
 that comparison and the number of features with q < 0.05. Writes
 ``confounds.csv`` into the run folder.
@@ -84,7 +87,9 @@ def main() -> None:
     keep = [uid for uid in features.uids if uid in value_of]
     features = features.take(keep)
     values = np.array([value_of[uid] for uid in keep])
-    labels = list(features.labels)
+    # A generation task's "label" is its answer text, nearly one per candidate, so only length is adjusted for.
+    classification = run.task.kind == "classification"
+    labels = list(features.labels) if classification else ["answer"] * len(keep)
 
     builder = PromptBuilder(run.task, run.model.tokenizer)
     example_of = {example.uid: example for example in run.task.pool}
@@ -95,14 +100,15 @@ def main() -> None:
     print(f"{len(keep)} candidates; utility vs token length: rho = {length_rho:.3f} (p = {length_p:.2g})")
     if len(groups) > 1:
         print(f"utility across labels: Kruskal-Wallis p = {stats.kruskal(*groups).pvalue:.2g}")
-    for name, group in zip(sorted(set(labels)), groups):
-        print(f"  label {name}: n = {len(group)}, mean utility {group.mean():.4f}")
+        for name, group in zip(sorted(set(labels)), groups):
+            print(f"  label {name}: n = {len(group)}, mean utility {group.mean():.4f}")
 
+    adjusted = "after label and length" if classification else "after length"
     comparisons = {
         "all candidates": (features, values),
-        "after label and length": (features, residual_ranks(values, labels, lengths)),
+        adjusted: (features, residual_ranks(values, labels, lengths)),
     }
-    for name in sorted(set(labels)):
+    for name in sorted(set(labels)) if classification else []:
         rows = [i for i, label in enumerate(labels) if label == name]
         if len(rows) < args.min_label_size:
             print(f"  label {name}: {len(rows)} candidates, fewer than --min-label-size; not compared")
