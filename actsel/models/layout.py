@@ -6,7 +6,7 @@ Several components transpose them on every forward pass and call
 MLP's three matrices, the unembedding, the attention output ``W_O``, and
 (inside a reshape) the query, key and value weights. Each such call copies the
 whole matrix. For SmolLM2 that is 0.4 to 0.5 GB of copies per forward pass,
-which can cost more than the arithmetic when a batch holds few tokens.
+which can cost more than the arithmetic when a batch has few tokens.
 
 ``use_linear_layout`` gives each of these parameters the same shape and values
 but strides such that the transposed view is already contiguous, so the copy
