@@ -190,3 +190,25 @@ def test_massive_activations_smollm2(smollm2):
     assert (frame["value"].abs() > 100).all()
     assert (frame["ratio"] >= 1000).all()
     assert (at_sink["token"] == smollm2.tokenizer.bos_token).all()
+
+
+def test_compiled_statistics_equal_tensor_statistics_smollm2(smollm2, data_dir, monkeypatch):
+    """On real SST-2 prompts, the Numba kernel and the tensor version give the same feature table."""
+    from actsel.activations import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("numba is not installed")
+    task = load_task("sst2", data_dir=data_dir)
+    examples = task.pool[:6]
+    kwargs = dict(hooks=("hook_mlp_out", "hook_resid_post"), layers=[0, 9, 10, 11, 29],
+                  spans=("example", "input", "label", "last"), batch_size=4, progress=False)
+    compiled = extract_features(smollm2, task, examples, **kwargs)
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    reference = extract_features(smollm2, task, examples, **kwargs)
+    assert np.array_equal(np.isnan(compiled.values), np.isnan(reference.values))
+    moments = compiled.columns["statistic"].isin(STATISTICS[:8]).to_numpy()
+    np.testing.assert_allclose(compiled.values[:, moments], reference.values[:, moments], rtol=1e-9)
+    np.testing.assert_array_equal(compiled.values[:, ~moments], reference.values[:, ~moments])
+    # The comparison covers values above 100 too: from layer 11 every example's residual stream holds some.
+    assert compiled.column(mask="causal", hook="blocks.11.hook_resid_post", span="example",
+                           statistic="max_abs").min() > 100

@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from actsel.activations.hooks import STATISTICS, _span_median, span_statistics
+from actsel.activations.hooks import STATISTICS, span_statistics
+from actsel.activations.median import span_median
 from actsel.activations.moments import Moments, combine_tokens, token_moments
 
 RTOL = 1e-6
@@ -98,7 +99,8 @@ def test_combine_tokens_matches_scipy_over_span():
         _assert_matches(moments, expected)
 
 
-def test_span_statistics_match_numpy():
+@pytest.mark.parametrize("compiled", [False, True], ids=["tensor", "numba"])
+def test_span_statistics_match_numpy(compiled):
     rng = np.random.default_rng(5)
     values = torch.from_numpy(_heavy_tailed(rng, (2, 8, 12))).float()
     values[0, 3, 5] = -2500.0  # massive: above 100 and above 1000x the median
@@ -107,7 +109,7 @@ def test_span_statistics_match_numpy():
     in_span[0, 1:7] = True  # 6 tokens: even count of values
     in_span[1, 2:5] = True
     origin = torch.tensor([1, 2])
-    result, nonfinite = span_statistics(values, [in_span], origin)
+    result, nonfinite = span_statistics(values, [in_span], origin, compiled=compiled)
     assert result.shape == (1, len(STATISTICS), 2)
     assert not nonfinite.any()
     for row in range(2):
@@ -148,32 +150,34 @@ def test_span_median_odd_even_empty(d):
     in_span[2] = True  # every token
     magnitude[3, :, : d // 2] = magnitude[3, 0, 0]  # ties around the middle
     bits = magnitude.view(torch.int32)
-    got = _span_median(bits, in_span).numpy()
+    got = span_median(bits, in_span).numpy()
     assert np.isnan(got[0])
     for row in range(1, 6):
         expected = np.median(magnitude[row][in_span[row]].double().numpy())
         np.testing.assert_allclose(got[row], expected, rtol=1e-12, err_msg=f"row {row}")
 
 
-def test_span_statistics_flag_nonfinite_and_empty():
+@pytest.mark.parametrize("compiled", [False, True], ids=["tensor", "numba"])
+def test_span_statistics_flag_nonfinite_and_empty(compiled):
     values = torch.randn(2, 5, 4)
     values[1, 2, 3] = float("inf")
     in_span = torch.ones(2, 5, dtype=torch.bool)
     empty = torch.zeros(2, 5, dtype=torch.bool)
-    result, nonfinite = span_statistics(values, [in_span, empty], torch.zeros(2, dtype=torch.long))
+    result, nonfinite = span_statistics(values, [in_span, empty], torch.zeros(2, dtype=torch.long), compiled=compiled)
     assert nonfinite[0].tolist() == [False, True]
     assert np.isfinite(result[0, :, 0].numpy()).all()
     assert np.isnan(result[0, :, 1].numpy()).all()
     assert np.isnan(result[1].numpy()).all()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["tensor", "numba"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_span_statistics_float64_for_half_inputs(dtype):
+def test_span_statistics_float64_for_half_inputs(dtype, compiled):
     """2.2e4 squared overflows float16, so statistics must be computed in float64."""
     values = torch.randn(1, 4, 8).to(dtype)
     values[0, 0, 3] = 2.2e4
     in_span = torch.ones(1, 4, dtype=torch.bool)
-    result, nonfinite = span_statistics(values, [in_span], torch.zeros(1, dtype=torch.long))
+    result, nonfinite = span_statistics(values, [in_span], torch.zeros(1, dtype=torch.long), compiled=compiled)
     assert result.dtype == torch.float64
     assert not nonfinite.any()
     expected = _scipy_moments(values.double().numpy())

@@ -20,15 +20,18 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from actsel.activations import cpu_kernel
+from actsel.activations.median import span_median
 from actsel.activations.moments import combine_tokens, token_moments
+from actsel.activations.workspace import Workspace
 
 MOMENT_STATISTICS = ("mean", "variance", "skewness", "kurtosis")
 TOKEN_STATISTICS = ("token_mean", "token_variance", "token_skewness", "token_kurtosis")
 MASSIVE_STATISTICS = ("max_abs", "max_over_median", "count_above_100", "count_massive", "argmax_pos", "argmax_dim")
 STATISTICS = MOMENT_STATISTICS + TOKEN_STATISTICS + MASSIVE_STATISTICS
 
-MASSIVE_MIN_ABS = 100.0  # absolute threshold of a massive activation
-MASSIVE_MIN_RATIO = 1000.0  # and its minimum ratio to the median |a| of the same values
+MASSIVE_MIN_ABS = cpu_kernel.MASSIVE_MIN_ABS  # absolute threshold of a massive activation
+MASSIVE_MIN_RATIO = cpu_kernel.MASSIVE_MIN_RATIO  # and its minimum ratio to the median |a| of the same values
 
 
 def _derived(n, m2, m3, m4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,75 +43,12 @@ def _derived(n, m2, m3, m4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return variance, skewness, kurtosis
 
 
-MEDIAN_BIN_SHIFT = 18  # bins of the float32 bit pattern: 8 exponent bits and 5 mantissa bits
-MEDIAN_BINS = 1 << (31 - MEDIAN_BIN_SHIFT)
-SMALL_SPAN_VALUES = 8192  # up to this many values per row, select directly instead of binning
-
-
-def _span_median(
-    bits: Int[torch.Tensor, "batch pos d"], in_span: Bool[torch.Tensor, "batch pos"]
-) -> Float[torch.Tensor, " batch"]:
-    """Median of each row's in-span values as ``numpy.median`` defines it (float64; NaN for an empty span).
-
-    ``bits`` contains the int32 bit patterns of non-negative float32 magnitudes,
-    which order like the values. A histogram over the top bits of the patterns
-    finds, per row, the bin that holds each middle value; only the values in
-    that bin (a few percent of the span) are then sorted. This takes a few
-    passes over the span's values instead of one selection per row, which
-    dominated the extraction time. Spans of at most ``SMALL_SPAN_VALUES``
-    values per row skip the histogram and select in a NaN-padded copy.
-    """
-    batch = bits.shape[0]
-    device = bits.device
-    median = torch.full((batch,), torch.nan, dtype=torch.float64, device=device)
-    token_row = in_span.nonzero()[:, 0].to(torch.int32)  # row of each in-span token, ascending
-    if token_row.numel() == 0:
-        return median
-    span_bits = bits[in_span]  # (tokens, d)
-    d = span_bits.shape[1]
-    count = in_span.sum(-1) * d
-    longest = int(in_span.sum(-1).max())
-    if longest * d <= SMALL_SPAN_VALUES:
-        # Few values per row: select directly in a NaN-padded (batch, longest x d) copy.
-        slot = (in_span.cumsum(-1) - 1)[in_span]
-        padded = torch.full((batch, longest, d), torch.nan, dtype=torch.float32, device=device)
-        padded[token_row.long(), slot] = span_bits.view(torch.float32)
-        padded = padded.reshape(batch, -1)
-        lower = padded.nanmedian(dim=-1).values.to(torch.float64)
-        upper = -(-padded).nanmedian(dim=-1).values.to(torch.float64)
-        return torch.where(count > 0, (lower + upper) / 2, median)
-    # NOTE: this path was tested on the CPU only; on CUDA, bincount and searchsorted are untested here.
-    coarse = span_bits >> MEDIAN_BIN_SHIFT
-    index = (coarse + (token_row * MEDIAN_BINS)[:, None]).reshape(-1)
-    cumulative = torch.bincount(index, minlength=batch * MEDIAN_BINS).reshape(batch, MEDIAN_BINS).cumsum(-1)
-
-    low_rank = ((count - 1) // 2).clamp_min(0)  # 0-based ranks of the two middle values
-    high_rank = count // 2
-    low_bin = torch.searchsorted(cumulative, low_rank[:, None], right=True).clamp_max(MEDIAN_BINS - 1)
-    high_bin = torch.searchsorted(cumulative, high_rank[:, None], right=True).clamp_max(MEDIAN_BINS - 1)
-    below = torch.where(low_bin > 0, cumulative.gather(1, (low_bin - 1).clamp_min(0)), 0)[:, 0]
-    token_low = low_bin.to(torch.int32)[token_row.long()]
-    token_high = high_bin.to(torch.int32)[token_row.long()]
-    if bool((low_bin == high_bin).all()):  # the usual case: both middle values share a bin
-        in_middle = coarse == token_low
-    else:
-        in_middle = (coarse >= token_low) & (coarse <= token_high)
-    token, column = in_middle.nonzero(as_tuple=True)
-    row = token_row[token].to(torch.int64)
-    ordered = ((row << 31) | span_bits[token, column].to(torch.int64)).sort().values
-    values = (ordered & 0x7FFFFFFF).to(torch.int32).view(torch.float32).to(torch.float64)
-    per_row = torch.bincount(row, minlength=batch)
-    start = per_row.cumsum(0) - per_row
-    last = values.numel() - 1
-    low = values[(start + low_rank - below).clamp(0, last)]
-    high = values[(start + high_rank - below).clamp(0, last)]
-    return torch.where(count > 0, (low + high) / 2, median)
-
-
 def span_statistics(
     activations: Float[torch.Tensor, "batch pos d_model"],
     spans: Sequence[Bool[torch.Tensor, "batch pos"]],
     origin: Int[torch.Tensor, " batch"],
+    workspace: Workspace | None = None,
+    compiled: bool | None = None,
 ) -> tuple[Float[torch.Tensor, "span statistic batch"], Bool[torch.Tensor, "span batch"]]:
     """Compute every statistic in ``STATISTICS`` over each span of each row.
 
@@ -123,6 +63,12 @@ def span_statistics(
             so ``hook_z`` (batch, pos, head, d_head) also works.
         spans: token masks, each of shape (batch, pos), all on the activations' device.
         origin: position that ``argmax_pos`` counts from, per row.
+        workspace: scratch tensors to reuse between calls (hooks of one batch
+            share a shape); a fresh one when ``None``.
+        compiled: use the Numba kernel of ``actsel.activations.cpu_kernel``
+            (CPU tensors only) instead of tensor operations. ``None`` picks it
+            for CPU activations when Numba is installed. Both give the same
+            values up to float64 rounding.
 
     Returns:
         ``(values, nonfinite)``: float64 statistics of shape (n_spans,
@@ -133,19 +79,25 @@ def span_statistics(
     batch, width = activations.shape[:2]
     values = activations.detach().reshape(batch, width, -1)
     d = values.shape[-1]
+    if compiled is None:
+        compiled = values.device.type == "cpu" and cpu_kernel.available()
+    if compiled:
+        return cpu_kernel.span_statistics_cpu(values, torch.stack(list(spans)), origin, len(STATISTICS))
 
-    stats = token_moments(values)
+    workspace = workspace if workspace is not None else Workspace()
+    stats = token_moments(values, workspace)
     token_variance, token_skewness, token_kurtosis = _derived(torch.full_like(stats[0], d), *stats[1:])
     token_finite = torch.isfinite(stats[0])  # a float64 sum of float32 values is finite if and only if they all are
 
-    magnitude = values.abs().to(torch.float32)  # exact for float16/bfloat16/float32 inputs
-    bits = magnitude.view(torch.int32) & 0x7FFFFFFF  # NaN may keep its sign bit
-    token_max, token_argmax = magnitude.max(dim=-1)  # (batch, pos)
+    magnitude = workspace.get("magnitude", values.shape, torch.float32, values.device)
+    magnitude.copy_(values).abs_()  # exact for float16/bfloat16/float32 inputs
+    bits = magnitude.view(torch.int32).bitwise_and_(0x7FFFFFFF)  # shares storage; clears the sign bit NaN may keep
+    token_max = magnitude.amax(dim=-1)  # (batch, pos); a tenth of the time of max() with indices
     # Values above the absolute threshold are few, so they are counted and located
     # only in the tokens whose maximum passes it.
     hot_row, hot_pos = torch.nonzero(token_max > MASSIVE_MIN_ABS, as_tuple=True)
     hot_above = magnitude[hot_row, hot_pos] > MASSIVE_MIN_ABS  # (hot tokens, d)
-    token_above = torch.zeros_like(token_argmax)  # (batch, pos)
+    token_above = torch.zeros(token_max.shape, dtype=torch.int64, device=token_max.device)
     token_above[hot_row, hot_pos] = hot_above.sum(-1)
     hot_token, above_dim = torch.nonzero(hot_above, as_tuple=True)
     above_row, above_pos = hot_row[hot_token], hot_pos[hot_token]
@@ -162,8 +114,9 @@ def span_statistics(
 
     max_abs, max_pos = torch.where(in_span, token_max, -1.0).max(dim=-1)
     max_abs = max_abs.to(torch.float64)
-    max_dim = token_argmax.expand_as(in_span).gather(-1, max_pos[..., None])[..., 0]
-    median = torch.stack([_span_median(bits, span) for span in spans])
+    # The dimension of the maximum, searched only in the one token per span and row that holds it.
+    max_dim = magnitude[torch.arange(batch, device=values.device), max_pos].argmax(dim=-1)
+    median = torch.stack([span_median(bits, span, workspace) for span in spans])
     is_massive = in_span[:, above_row, above_pos] & (above_value >= MASSIVE_MIN_RATIO * median[:, above_row])
     count_massive = torch.zeros_like(median).index_add_(1, above_row, is_massive.to(torch.float64))
 
@@ -193,6 +146,7 @@ class StatisticsCollector:
         self.span_names = list(spans)
         self.spans = list(spans.values())
         self.origin = origin
+        self.workspace = Workspace()
         self.values: dict[str, torch.Tensor] = {}
         self.nonfinite: dict[str, torch.Tensor] = {}
 
@@ -203,7 +157,7 @@ class StatisticsCollector:
                 f"Hook {hook.name} has output shape {tuple(activations.shape)}, not (batch={batch}, pos={width}, ...); "
                 f"statistics need a per-token hook such as hook_resid_post, hook_mlp_out or mlp.hook_post."
             )
-        values, nonfinite = span_statistics(activations, self.spans, self.origin)
+        values, nonfinite = span_statistics(activations, self.spans, self.origin, self.workspace)
         self.values[hook.name] = values.cpu()
         self.nonfinite[hook.name] = nonfinite.cpu()
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
+from actsel.activations.workspace import Workspace
+
 
 @dataclass
 class Moments:
@@ -112,16 +114,24 @@ class Moments:
 
 def token_moments(
     activations: Float[torch.Tensor, "batch pos d_model"],
+    workspace: Workspace | None = None,
 ) -> tuple[Float[torch.Tensor, "batch pos"], ...]:
     """Compute each token's mean and central sums m2, m3, m4 over its last dimension, in float64.
+
+    Args:
+        activations: values of any floating dtype; never modified.
+        workspace: holds the two float64 scratch copies between calls; fresh ones when ``None``.
 
     Returns:
         ``(mean, m2, m3, m4)``, each of shape (batch, pos) and dtype float64.
     """
-    centred = activations.to(torch.float64, copy=True)  # a copy, so the in-place steps below never touch the input
+    workspace = workspace if workspace is not None else Workspace()
+    centred = workspace.get("centred", activations.shape, torch.float64, activations.device)
+    squared = workspace.get("squared", activations.shape, torch.float64, activations.device)
+    centred.copy_(activations)
     mean = centred.mean(dim=-1)
     centred.sub_(mean[..., None])
-    squared = centred * centred
+    torch.mul(centred, centred, out=squared)
     m2 = squared.sum(-1)
     m3 = centred.mul_(squared).sum(-1)
     m4 = squared.mul_(squared).sum(-1)

@@ -1,0 +1,247 @@
+"""Span statistics of CPU activations in one compiled pass per row (Numba).
+
+``span_statistics`` in ``hooks`` computes everything with tensor operations,
+which on the CPU means about twenty passes over each hook's activations and
+scratch tensors several times larger than the cache. Run inside a forward
+pass, whose weights evict those scratch tensors between hooks, that made the
+statistics cost as much as a fifth of the forward pass. This kernel reads each
+row's activations twice for the per-token values and twice per span for the
+median, with row-sized scratch space, and returns the same
+(span, statistic, batch) array as the tensor version. Rows run in parallel.
+
+The tensor version stays the reference and the path for other devices;
+``tests/test_cpu_kernel.py`` checks that both agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a declared dependency
+    numba = None
+
+MASSIVE_MIN_ABS = 100.0
+MASSIVE_MIN_RATIO = 1000.0
+BIN_SHIFT = 18  # histogram bins of the float32 bit pattern: 8 exponent bits and 5 mantissa bits
+N_BINS = 1 << (31 - BIN_SHIFT)
+
+
+def _row_statistics(values, bits, spans, origin, out, nonfinite, row):  # pragma: no cover - compiled
+    """Fill ``out[:, :, row]`` and ``nonfinite[:, row]``; see ``span_statistics_cpu`` for the layout."""
+    n_spans, _, width = spans.shape
+    d = values.shape[2]
+    token_mean = np.empty(width)
+    token_m2 = np.empty(width)
+    token_m3 = np.empty(width)
+    token_m4 = np.empty(width)
+    token_max = np.empty(width)
+    token_argmax = np.zeros(width, dtype=np.int64)
+    token_above = np.zeros(width, dtype=np.int64)
+    needed = np.zeros(width, dtype=np.bool_)
+    for span in range(n_spans):
+        for pos in range(width):
+            if spans[span, row, pos]:
+                needed[pos] = True
+
+    for pos in range(width):
+        if not needed[pos]:
+            continue
+        total = 0.0
+        largest = -1.0
+        largest_at = 0
+        above = 0
+        for j in range(d):
+            value = np.float64(values[row, pos, j])
+            total += value
+            magnitude = abs(value)
+            if magnitude > largest:
+                largest = magnitude
+                largest_at = j
+            if magnitude > MASSIVE_MIN_ABS:
+                above += 1
+        mean = total / d
+        m2 = 0.0
+        m3 = 0.0
+        m4 = 0.0
+        for j in range(d):
+            centred = np.float64(values[row, pos, j]) - mean
+            squared = centred * centred
+            m2 += squared
+            m3 += squared * centred
+            m4 += squared * squared
+        token_mean[pos] = mean
+        token_m2[pos] = m2
+        token_m3[pos] = m3
+        token_m4[pos] = m4
+        token_max[pos] = largest
+        token_argmax[pos] = largest_at
+        token_above[pos] = above
+
+    histogram = np.zeros(N_BINS, dtype=np.int64)
+    for span in range(n_spans):
+        tokens = 0
+        finite = True
+        mean_sum = 0.0
+        for pos in range(width):
+            if spans[span, row, pos]:
+                tokens += 1
+                mean_sum += token_mean[pos]
+                if not math.isfinite(token_mean[pos]):  # a float64 sum of float32 values is finite iff they all are
+                    finite = False
+        nonfinite[span, row] = not finite
+        if tokens == 0 or not finite:
+            for statistic in range(out.shape[1]):
+                out[span, statistic, row] = np.nan
+            continue
+
+        # Span moments: per-token moments merged with the multi-group Pébay formulas.
+        mean = mean_sum / tokens
+        m2 = 0.0
+        m3 = 0.0
+        m4 = 0.0
+        averages = np.zeros(4)
+        span_max = -1.0
+        span_max_at = 0
+        count_above = 0
+        for pos in range(width):
+            if not spans[span, row, pos]:
+                continue
+            delta = token_mean[pos] - mean
+            delta2 = delta * delta
+            m2 += token_m2[pos] + d * delta2
+            m3 += token_m3[pos] + 3.0 * delta * token_m2[pos] + d * delta2 * delta
+            m4 += token_m4[pos] + 4.0 * delta * token_m3[pos] + 6.0 * delta2 * token_m2[pos] + d * delta2 * delta2
+            averages[0] += token_mean[pos]
+            averages[1] += token_m2[pos] / d
+            if token_m2[pos] > 0:
+                averages[2] += math.sqrt(d) * token_m3[pos] / token_m2[pos] ** 1.5
+                averages[3] += d * token_m4[pos] / token_m2[pos] ** 2 - 3.0
+            else:
+                averages[2] = np.nan
+                averages[3] = np.nan
+            if token_max[pos] > span_max:
+                span_max = token_max[pos]
+                span_max_at = pos
+            count_above += token_above[pos]
+        n = tokens * d
+        out[span, 0, row] = mean
+        out[span, 1, row] = m2 / n
+        if m2 > 0:
+            out[span, 2, row] = math.sqrt(n) * m3 / m2 ** 1.5
+            out[span, 3, row] = n * m4 / m2 ** 2 - 3.0
+        else:
+            out[span, 2, row] = np.nan
+            out[span, 3, row] = np.nan
+        for k in range(4):
+            out[span, 4 + k, row] = averages[k] / tokens
+
+        # Exact median of the span's magnitudes: a histogram of the bit patterns finds the bin of each
+        # middle value, then only the values in those bins are sorted.
+        histogram[:] = 0
+        for pos in range(width):
+            if spans[span, row, pos]:
+                for j in range(d):
+                    histogram[(bits[row, pos, j] & 0x7FFFFFFF) >> BIN_SHIFT] += 1
+        low_rank = (n - 1) // 2
+        high_rank = n // 2
+        cumulative = 0
+        low_bin = -1
+        high_bin = -1
+        below = 0
+        for b in range(N_BINS):
+            if low_bin < 0 and cumulative + histogram[b] > low_rank:
+                low_bin = b
+                below = cumulative
+            cumulative += histogram[b]
+            if cumulative > high_rank:
+                high_bin = b
+                break
+        middle = np.empty(cumulative - below, dtype=np.float32)
+        filled = 0
+        for pos in range(width):
+            if spans[span, row, pos]:
+                for j in range(d):
+                    b = (bits[row, pos, j] & 0x7FFFFFFF) >> BIN_SHIFT
+                    if b >= low_bin and b <= high_bin:
+                        middle[filled] = abs(values[row, pos, j])
+                        filled += 1
+        middle.sort()
+        median = (np.float64(middle[low_rank - below]) + np.float64(middle[high_rank - below])) / 2
+
+        count_massive = 0
+        threshold = MASSIVE_MIN_RATIO * median
+        for pos in range(width):
+            if spans[span, row, pos] and token_above[pos] > 0:
+                for j in range(d):
+                    magnitude = np.float64(abs(values[row, pos, j]))
+                    if magnitude > MASSIVE_MIN_ABS and magnitude >= threshold:
+                        count_massive += 1
+        out[span, 8, row] = span_max
+        out[span, 9, row] = span_max / median
+        out[span, 10, row] = count_above
+        out[span, 11, row] = count_massive
+        out[span, 12, row] = span_max_at - origin[row]
+        out[span, 13, row] = token_argmax[span_max_at]
+
+
+def _all_rows(values, bits, spans, origin, out, nonfinite):  # pragma: no cover - compiled
+    for row in numba.prange(values.shape[0]):
+        _row_kernel(values, bits, spans, origin, out, nonfinite, row)
+
+
+if numba is not None:
+    # PyTorch's CPU operations run on GNU OpenMP threads. Numba's OpenMP layer shares that thread pool;
+    # its default layer starts a second pool, whose threads compete with PyTorch's spinning ones for the
+    # same cores (measured: the kernel ran no faster inside a forward pass than the tensor version).
+    if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    _row_kernel = numba.njit(cache=True, error_model="numpy")(_row_statistics)
+    _compiled = numba.njit(parallel=True, cache=True, error_model="numpy")(_all_rows)
+else:  # pragma: no cover
+    _compiled = None
+
+
+def available() -> bool:
+    """True when Numba is importable, so CPU activations can use the compiled kernel."""
+    return _compiled is not None
+
+
+def span_statistics_cpu(
+    activations: torch.Tensor, spans: torch.Tensor, origin: torch.Tensor, n_statistics: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled counterpart of ``hooks.span_statistics`` for activations on the CPU.
+
+    Args:
+        activations: (batch, pos, d) values of any floating dtype; converted to
+            float32 first when they are not float32 already (exact for float16 and bfloat16).
+        spans: (span, batch, pos) boolean masks.
+        origin: (batch,) positions that ``argmax_pos`` counts from.
+        n_statistics: length of ``hooks.STATISTICS``, the second output dimension.
+
+    Returns:
+        ``(values, nonfinite)`` as ``hooks.span_statistics`` returns them.
+    """
+    if activations.device.type != "cpu":
+        raise ValueError(f"The compiled statistics need activations on the CPU, not on {activations.device}; "
+                         "pass compiled=False (the tensor version runs on any device).")
+    if _compiled is None:
+        raise RuntimeError("The compiled statistics need Numba: pip install numba, or pass compiled=False.")
+    values = activations.detach().to(torch.float32).contiguous().numpy()
+    bits = values.view(np.int32)
+    masks = spans.contiguous().numpy()
+    n_spans, batch = masks.shape[:2]
+    out = np.empty((n_spans, n_statistics, batch), dtype=np.float64)
+    nonfinite = np.zeros((n_spans, batch), dtype=np.bool_)
+    # Use as many threads as PyTorch does, so a run with torch.set_num_threads(1) stays on one core.
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _compiled(values, bits, masks, origin.to(torch.int64).contiguous().numpy(), out, nonfinite)
+    return torch.from_numpy(out), torch.from_numpy(nonfinite)
