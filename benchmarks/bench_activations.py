@@ -12,8 +12,9 @@ span (``example``) and with all four spans (``example``, ``input``, ``label``,
 ``last``), which needs four medians per hook instead of one.
 
 Memory: for pools of growing size, the peak resident set size (sampled every
-5 ms) of a fresh child process above its level after model load, for
-``extract_features`` against ``run_with_cache`` keeping the same activations.
+5 ms) of a fresh child process above its level after model load and one
+warm-up batch of each path, for ``extract_features`` against
+``run_with_cache`` keeping the same activations.
 To stay short on a shared machine it uses short real SST-2 sentences and only
 the first ``--memory-layers`` layers.
 
@@ -164,7 +165,10 @@ def memory_child(mode: str, size: int, n_layers: int) -> None:
     layers = list(range(n_layers))
     names = [f"blocks.{layer}.{hook}" for layer in layers for hook in HOOKS]
     prompts = [builder.build([example]) for example in examples]
-    with torch.no_grad():  # one warm-up batch so allocator pools exist before the baseline
+    # One warm-up batch of each path before the baseline, so allocator pools exist and the compiled
+    # statistics kernel is loaded (Numba and its cached machine code add tens of MiB once per process).
+    extract_features(model, task, examples[:16], hooks=HOOKS, layers=layers, spans=SPANS, progress=False)
+    with torch.no_grad():
         warm = collate(prompts[:16], model.tokenizer.pad_token_id)
         model(warm.tokens, attention_mask=warm.attention_mask, return_type=None, stop_at_layer=n_layers)
     baseline = psutil.Process().memory_info().rss

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from actsel.activations import cpu_kernel
 from actsel.activations.hooks import STATISTICS, span_statistics
@@ -78,6 +79,50 @@ def test_kernel_rejects_other_devices():
     values = torch.randn(1, 2, 3, device="meta")
     with pytest.raises(ValueError, match="compiled=False"):
         cpu_kernel.span_statistics_cpu(values, torch.ones(1, 1, 2, dtype=torch.bool), torch.zeros(1), len(STATISTICS))
+
+
+def test_float64_activations_keep_float64_moments():
+    """float64 input is not rounded to float32 for the moments (maxima and medians use float32 in both versions)."""
+    values, spans, origin = _batch(13, (3, 6, 64))
+    values = values.double() * 3 + 0.1
+    values[0, 1, 0] = 1e39  # beyond float32: infinite as a magnitude, finite for the moments
+    compiled, flags = span_statistics(values, spans, origin, compiled=True)
+    reference, reference_flags = span_statistics(values, spans, origin, compiled=False)
+    assert torch.equal(flags, reference_flags) and not flags[0, 0]
+    torch.testing.assert_close(compiled[:, :8], reference[:, :8], rtol=1e-9, atol=0.0, equal_nan=True)
+    torch.testing.assert_close(compiled[:, 8:], reference[:, 8:], rtol=0.0, atol=0.0, equal_nan=True)
+    span = values[1][spans[0][1]].numpy().ravel()
+    np.testing.assert_allclose(compiled[0, 2, 1].item(), stats.skew(span), rtol=1e-12)
+    assert torch.isinf(compiled[0, 8, 0])  # max_abs of the row holding 1e39
+
+
+def test_kernel_rejects_mismatched_shapes():
+    values = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="expected \\(span, batch=2, pos=4\\)"):
+        span_statistics(values, [torch.ones(2, 6, dtype=torch.bool)], torch.zeros(2, dtype=torch.long), compiled=True)
+    with pytest.raises(RuntimeError):
+        span_statistics(values, [torch.ones(2, 4, dtype=torch.bool)], torch.zeros(3, dtype=torch.long), compiled=True)
+
+
+def test_scalar_origin_and_noncontiguous_masks():
+    values, spans, _ = _batch(17, (3, 40, 64))
+    transposed = [span.T.contiguous().T for span in spans]  # same values, column-major strides
+    assert not transposed[0].is_contiguous()
+    for compiled in (False, True):
+        got, _ = span_statistics(values, transposed, torch.tensor(1), compiled=compiled)
+        expected, _ = span_statistics(values, spans, torch.ones(3, dtype=torch.long), compiled=compiled)
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+def test_kernel_leaves_torch_thread_count_alone():
+    values, spans, origin = _batch(19, (4, 8, 32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # more than Numba's pool may have
+        span_statistics(values, spans, origin, compiled=True)
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_kernel_follows_torch_thread_count():

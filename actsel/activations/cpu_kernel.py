@@ -5,9 +5,15 @@ which on the CPU means about twenty passes over each hook's activations and
 scratch tensors several times larger than the cache. Run inside a forward
 pass, whose weights evict those scratch tensors between hooks, that made the
 statistics cost as much as a fifth of the forward pass. This kernel reads each
-row's activations twice for the per-token values and twice per span for the
-median, with row-sized scratch space, and returns the same
-(span, statistic, batch) array as the tensor version. Rows run in parallel.
+row's activations twice for the per-token values, then twice per span for the
+median (a histogram, then the values in the middle bins) and once more over
+the few tokens holding a value above 100. Its scratch space is a few arrays
+per row, and it returns the same (span, statistic, batch) array as the tensor
+version. Rows run in parallel.
+
+Moments are computed from the activations as given (float32, or float64 for
+float64 input; float16 and bfloat16 are widened to float32 exactly). Maxima,
+medians and counts use float32 magnitudes, as the tensor version does.
 
 The tensor version stays the reference and the path for other devices;
 ``tests/test_cpu_kernel.py`` checks that both agree.
@@ -15,14 +21,11 @@ The tensor version stays the reference and the path for other devices;
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 try:
     import numba
@@ -35,8 +38,12 @@ BIN_SHIFT = 18  # histogram bins of the float32 bit pattern: 8 exponent bits and
 N_BINS = 1 << (31 - BIN_SHIFT)
 
 
-def _row_statistics(values, bits, spans, origin, out, nonfinite, row):  # pragma: no cover - compiled
-    """Fill ``out[:, :, row]`` and ``nonfinite[:, row]``; see ``span_statistics_cpu`` for the layout."""
+def _row_statistics(values, values32, bits, spans, origin, out, nonfinite, row):  # pragma: no cover - compiled
+    """Fill ``out[:, :, row]`` and ``nonfinite[:, row]``; see ``span_statistics_cpu`` for the layout.
+
+    Moments come from ``values`` (float32 or float64); maxima, medians and
+    counts from ``values32`` and its bit patterns ``bits``, as in the tensor version.
+    """
     n_spans, _, width = spans.shape
     d = values.shape[2]
     token_mean = np.empty(width)
@@ -60,9 +67,8 @@ def _row_statistics(values, bits, spans, origin, out, nonfinite, row):  # pragma
         largest_at = 0
         above = 0
         for j in range(d):
-            value = np.float64(values[row, pos, j])
-            total += value
-            magnitude = abs(value)
+            total += np.float64(values[row, pos, j])
+            magnitude = abs(np.float64(values32[row, pos, j]))
             if magnitude > largest:
                 largest = magnitude
                 largest_at = j
@@ -95,7 +101,8 @@ def _row_statistics(values, bits, spans, origin, out, nonfinite, row):  # pragma
             if spans[span, row, pos]:
                 tokens += 1
                 mean_sum += token_mean[pos]
-                if not math.isfinite(token_mean[pos]):  # a float64 sum of float32 values is finite iff they all are
+                # A float64 sum of float32 values is finite if and only if they all are.
+                if not math.isfinite(token_mean[pos]):
                     finite = False
         nonfinite[span, row] = not finite
         if tokens == 0 or not finite:
@@ -172,7 +179,7 @@ def _row_statistics(values, bits, spans, origin, out, nonfinite, row):  # pragma
                 for j in range(d):
                     b = (bits[row, pos, j] & 0x7FFFFFFF) >> BIN_SHIFT
                     if b >= low_bin and b <= high_bin:
-                        middle[filled] = abs(values[row, pos, j])
+                        middle[filled] = abs(values32[row, pos, j])
                         filled += 1
         middle.sort()
         median = (np.float64(middle[low_rank - below]) + np.float64(middle[high_rank - below])) / 2
@@ -182,7 +189,7 @@ def _row_statistics(values, bits, spans, origin, out, nonfinite, row):  # pragma
         for pos in range(width):
             if spans[span, row, pos] and token_above[pos] > 0:
                 for j in range(d):
-                    magnitude = np.float64(abs(values[row, pos, j]))
+                    magnitude = np.float64(abs(values32[row, pos, j]))
                     if magnitude > MASSIVE_MIN_ABS and magnitude >= threshold:
                         count_massive += 1
         out[span, 8, row] = span_max
@@ -193,15 +200,16 @@ def _row_statistics(values, bits, spans, origin, out, nonfinite, row):  # pragma
         out[span, 13, row] = token_argmax[span_max_at]
 
 
-def _all_rows(values, bits, spans, origin, out, nonfinite):  # pragma: no cover - compiled
+def _all_rows(values, values32, bits, spans, origin, out, nonfinite):  # pragma: no cover - compiled
     for row in numba.prange(values.shape[0]):
-        _row_kernel(values, bits, spans, origin, out, nonfinite, row)
+        _row_kernel(values, values32, bits, spans, origin, out, nonfinite, row)
 
 
 if numba is not None:
-    # PyTorch's CPU operations run on GNU OpenMP threads. Numba's OpenMP layer shares that thread pool;
-    # its default layer starts a second pool, whose threads compete with PyTorch's spinning ones for the
-    # same cores (measured: the kernel ran no faster inside a forward pass than the tensor version).
+    # PyTorch's CPU operations run on GNU OpenMP threads, and Numba's OpenMP layer shares that pool.
+    # Numba's default layer starts a second pool whose threads compete with PyTorch's for the same cores:
+    # measured on 2 cores, the kernel then ran no faster inside a forward pass than the tensor version.
+    # This preference applies to the whole process, so it is skipped when the user chose a layer.
     if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
     _row_kernel = numba.njit(cache=True, error_model="numpy")(_row_statistics)
@@ -218,11 +226,12 @@ def available() -> bool:
 def span_statistics_cpu(
     activations: torch.Tensor, spans: torch.Tensor, origin: torch.Tensor, n_statistics: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled counterpart of ``hooks.span_statistics`` for activations on the CPU.
+    """Compute what ``hooks.span_statistics`` computes, for activations on the CPU, with the compiled kernel.
 
     Args:
-        activations: (batch, pos, d) values of any floating dtype; converted to
-            float32 first when they are not float32 already (exact for float16 and bfloat16).
+        activations: (batch, pos, d) values of any floating dtype. Moments
+            use them as given (float16 and bfloat16 widened to float32, which
+            is exact); maxima, medians and counts use float32 magnitudes.
         spans: (span, batch, pos) boolean masks.
         origin: (batch,) positions that ``argmax_pos`` counts from.
         n_statistics: length of ``hooks.STATISTICS``, the second output dimension.
@@ -235,13 +244,26 @@ def span_statistics_cpu(
                          "pass compiled=False (the tensor version runs on any device).")
     if _compiled is None:
         raise RuntimeError("The compiled statistics need Numba: pip install numba, or pass compiled=False.")
-    values = activations.detach().to(torch.float32).contiguous().numpy()
-    bits = values.view(np.int32)
+    activations = activations.detach()
+    values32 = activations.to(torch.float32).contiguous().numpy()  # exact for float16 and bfloat16
+    values = activations.contiguous().numpy() if activations.dtype == torch.float64 else values32
+    bits = values32.view(np.int32)
+    batch, width = values.shape[:2]
     masks = spans.contiguous().numpy()
-    n_spans, batch = masks.shape[:2]
+    if masks.ndim != 3 or masks.shape[1:] != (batch, width):
+        raise ValueError(f"Span masks have shape {tuple(masks.shape)}; expected (span, batch={batch}, pos={width}) "
+                         "to match the activations.")
+    origin = origin.to(torch.int64).expand(batch).contiguous().numpy()
+    n_spans = masks.shape[0]
     out = np.empty((n_spans, n_statistics, batch), dtype=np.float64)
     nonfinite = np.zeros((n_spans, batch), dtype=np.bool_)
-    # Use as many threads as PyTorch does, so a run with torch.set_num_threads(1) stays on one core.
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _compiled(values, bits, masks, origin.to(torch.int64).contiguous().numpy(), out, nonfinite)
+    # Numba's OpenMP layer sets the thread count of the pool it shares with PyTorch, so match PyTorch's
+    # count (a run with torch.set_num_threads(1) stays on one core) and put it back afterwards.
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        _compiled(values, values32, bits, masks, origin, out, nonfinite)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     return torch.from_numpy(out), torch.from_numpy(nonfinite)

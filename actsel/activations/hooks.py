@@ -55,6 +55,8 @@ def span_statistics(
     Moments come from per-token moments merged over the span (exact, float64).
     Maxima come from per-token maxima. Medians come from a histogram of the
     values' bit patterns and a sort of the few values in the middle bin.
+    Maxima, medians and counts use float32 magnitudes (exact for float32,
+    float16 and bfloat16 activations; float64 ones are rounded there).
     Massive values are counted among the few values above the absolute
     threshold. No full sort of the activations is needed.
 
@@ -68,7 +70,7 @@ def span_statistics(
         compiled: use the Numba kernel of ``actsel.activations.cpu_kernel``
             (CPU tensors only) instead of tensor operations. ``None`` picks it
             for CPU activations when Numba is installed. Both give the same
-            values up to float64 rounding.
+            values up to float64 rounding of the moments.
 
     Returns:
         ``(values, nonfinite)``: float64 statistics of shape (n_spans,
@@ -92,7 +94,7 @@ def span_statistics(
     magnitude = workspace.get("magnitude", values.shape, torch.float32, values.device)
     magnitude.copy_(values).abs_()  # exact for float16/bfloat16/float32 inputs
     bits = magnitude.view(torch.int32).bitwise_and_(0x7FFFFFFF)  # shares storage; clears the sign bit NaN may keep
-    token_max = magnitude.amax(dim=-1)  # (batch, pos); a tenth of the time of max() with indices
+    token_max = magnitude.amax(dim=-1)  # (batch, pos); measured: a tenth of the time of max() with indices
     # Values above the absolute threshold are few, so they are counted and located
     # only in the tokens whose maximum passes it.
     hot_row, hot_pos = torch.nonzero(token_max > MASSIVE_MIN_ABS, as_tuple=True)
@@ -114,7 +116,7 @@ def span_statistics(
 
     max_abs, max_pos = torch.where(in_span, token_max, -1.0).max(dim=-1)
     max_abs = max_abs.to(torch.float64)
-    # The dimension of the maximum, searched only in the one token per span and row that holds it.
+    # The dimension of the maximum, searched only in the one token per span and row that contains it.
     max_dim = magnitude[torch.arange(batch, device=values.device), max_pos].argmax(dim=-1)
     median = torch.stack([span_median(bits, span, workspace) for span in spans])
     is_massive = in_span[:, above_row, above_pos] & (above_value >= MASSIVE_MIN_RATIO * median[:, above_row])

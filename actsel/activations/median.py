@@ -1,8 +1,8 @@
 """Per-row median of the activation magnitudes in a span, without sorting the span.
 
-``span_median`` is exact: it returns what ``numpy.median`` returns for each
-row's in-span values. A histogram over the top bits of the values' float32 bit
-patterns finds the bin that holds each middle value; only the values in that
+``span_median`` is exact: for each row it returns what ``numpy.median``
+returns for the float32 magnitudes of its in-span values. A histogram over the top bits of the values' float32 bit
+patterns finds the bin that contains each middle value; only the values in that
 bin, a few percent of the span, are sorted.
 """
 
@@ -63,7 +63,7 @@ def span_median(
     tokens = token_row.numel()
     flat = bits.view(-1, d)
     span_bits = workspace.get("median_values", flat.shape, torch.int32, device)[:tokens]
-    torch.index_select(flat, 0, in_span.view(-1).nonzero()[:, 0], out=span_bits)
+    torch.index_select(flat, 0, in_span.reshape(-1).nonzero()[:, 0], out=span_bits)
     # Row r counts into bins [r * MEDIAN_BINS, (r + 1) * MEDIAN_BINS).
     binned = workspace.get("median_bins", flat.shape, torch.int32, device)[:tokens]
     torch.bitwise_right_shift(span_bits, MEDIAN_BIN_SHIFT, out=binned)

@@ -1,6 +1,6 @@
 """Scratch tensors reused from one hook call to the next.
 
-Every hook of one forward pass sees activations of the same shape, and the
+Every hook of one forward pass receives activations of the same shape, and the
 statistics need a few scratch tensors of that shape (a float64 copy, bit
 patterns, bin indices). Allocating them anew in each call was the largest cost
 of the statistics on the CPU: buffers of a few MB are mapped fresh from the
@@ -24,7 +24,7 @@ class Workspace:
         self._tensors: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised tensor for ``name``; the same storage as the last call when nothing changed."""
+        """Return an uninitialised tensor for ``name``, with the last call's storage when nothing changed."""
         tensor = self._tensors.get(name)
         if tensor is None or tensor.shape != tuple(shape) or tensor.dtype != dtype or tensor.device != device:
             tensor = torch.empty(shape, dtype=dtype, device=device)
