@@ -135,4 +135,4 @@ def test_kernel_follows_torch_thread_count():
     finally:
         torch.set_num_threads(threads)
     parallel, _ = span_statistics(values, spans, origin, compiled=True)
-    torch.testing.assert_close(single, parallel, rtol=0, atol=0, equal_nan=True)  # rows are independent, so the thread count cannot change a value
+    torch.testing.assert_close(single, parallel, rtol=0, atol=0, equal_nan=True)

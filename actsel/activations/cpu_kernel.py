@@ -1,15 +1,15 @@
-"""Span statistics of CPU activations in one compiled pass per row (Numba).
+"""Span statistics of CPU activations, compiled with Numba and computed one row at a time.
 
 ``span_statistics`` in ``hooks`` computes everything with tensor operations,
 which on the CPU means about twenty passes over each hook's activations and
-scratch tensors several times larger than the cache. Run inside a forward
-pass, whose weights evict those scratch tensors between hooks, that made the
-statistics cost as much as a fifth of the forward pass. This kernel reads each
-row's activations twice for the per-token values, then twice per span for the
+scratch tensors of several MB. Run inside a forward pass, whose weights evict
+those scratch tensors from the cache between hooks, that made the statistics
+cost as much as a fifth of the forward pass. This kernel reads each row's
+activations twice for the per-token values, then twice per span for the
 median (a histogram, then the values in the middle bins) and once more over
-the few tokens holding a value above 100. Its scratch space is a few arrays
-per row, and it returns the same (span, statistic, batch) array as the tensor
-version. Rows run in parallel.
+the few tokens containing a value above 100. Its scratch space is about 64 KB
+per row (mostly the histogram). It returns the same (span, statistic, batch)
+array as the tensor version. Rows run in parallel.
 
 Moments are computed from the activations as given (float32, or float64 for
 float64 input; float16 and bfloat16 are widened to float32 exactly). Maxima,
