@@ -75,6 +75,10 @@ def test_kernel_flags_nonfinite_tokens_only_in_their_spans():
     assert torch.equal(result.isnan(), reference.isnan())
 
 
+def test_kernel_writes_every_statistic():
+    assert cpu_kernel.N_STATISTICS == len(STATISTICS)
+
+
 def test_kernel_rejects_other_devices():
     values = torch.randn(1, 2, 3, device="meta")
     with pytest.raises(ValueError, match="compiled=False"):

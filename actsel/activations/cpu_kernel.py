@@ -36,6 +36,7 @@ MASSIVE_MIN_ABS = 100.0
 MASSIVE_MIN_RATIO = 1000.0
 BIN_SHIFT = 18  # histogram bins of the float32 bit pattern: 8 exponent bits and 5 mantissa bits
 N_BINS = 1 << (31 - BIN_SHIFT)
+N_STATISTICS = 14  # the kernel writes hooks.STATISTICS by index, in that order
 
 
 def _row_statistics(values, values32, bits, spans, origin, out, nonfinite, row):  # pragma: no cover - compiled
@@ -219,7 +220,7 @@ else:  # pragma: no cover
 
 
 def available() -> bool:
-    """True when Numba is importable, so CPU activations can use the compiled kernel."""
+    """Return True when Numba is importable, so CPU activations can use the compiled kernel."""
     return _compiled is not None
 
 
@@ -244,6 +245,9 @@ def span_statistics_cpu(
                          "pass compiled=False (the tensor version runs on any device).")
     if _compiled is None:
         raise RuntimeError("The compiled statistics need Numba: pip install numba, or pass compiled=False.")
+    if n_statistics != N_STATISTICS:
+        raise ValueError(f"The compiled kernel writes {N_STATISTICS} statistics, not {n_statistics}; update "
+                         "cpu_kernel._row_statistics together with hooks.STATISTICS.")
     activations = activations.detach()
     values32 = activations.to(torch.float32).contiguous().numpy()  # exact for float16 and bfloat16
     values = activations.contiguous().numpy() if activations.dtype == torch.float64 else values32
