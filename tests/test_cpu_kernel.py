@@ -69,8 +69,10 @@ def test_kernel_flags_nonfinite_tokens_only_in_their_spans():
     result, nonfinite = span_statistics(values, spans, origin, compiled=True)
     reference, reference_flags = span_statistics(values, spans, origin, compiled=False)
     assert torch.equal(nonfinite, reference_flags)
-    assert nonfinite[:, 1].any() and nonfinite[:, 2].any()
-    assert not nonfinite[:, 0].any() and not nonfinite[:, 3].any()
+    assert nonfinite[:, 1].any()
+    assert nonfinite[:, 2].any()
+    assert not nonfinite[:, 0].any()
+    assert not nonfinite[:, 3].any()
     assert torch.isnan(result[nonfinite[:, None, :].expand_as(result)]).all()
     assert torch.equal(result.isnan(), reference.isnan())
 
@@ -92,7 +94,8 @@ def test_float64_activations_keep_float64_moments():
     values[0, 1, 0] = 1e39  # beyond float32: infinite as a magnitude, finite for the moments
     compiled, flags = span_statistics(values, spans, origin, compiled=True)
     reference, reference_flags = span_statistics(values, spans, origin, compiled=False)
-    assert torch.equal(flags, reference_flags) and not flags[0, 0]
+    assert torch.equal(flags, reference_flags)
+    assert not flags[0, 0]
     torch.testing.assert_close(compiled[:, :8], reference[:, :8], rtol=1e-9, atol=0.0, equal_nan=True)
     torch.testing.assert_close(compiled[:, 8:], reference[:, 8:], rtol=0.0, atol=0.0, equal_nan=True)
     span = values[1][spans[0][1]].numpy().ravel()
@@ -104,7 +107,7 @@ def test_kernel_rejects_mismatched_shapes():
     values = torch.randn(2, 4, 8)
     with pytest.raises(ValueError, match="expected \\(span, batch=2, pos=4\\)"):
         span_statistics(values, [torch.ones(2, 6, dtype=torch.bool)], torch.zeros(2, dtype=torch.long), compiled=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="origin has 3 positions"):
         span_statistics(values, [torch.ones(2, 4, dtype=torch.bool)], torch.zeros(3, dtype=torch.long), compiled=True)
 
 

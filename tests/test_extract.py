@@ -209,6 +209,6 @@ def test_compiled_statistics_equal_tensor_statistics_smollm2(smollm2, data_dir, 
     moments = compiled.columns["statistic"].isin(STATISTICS[:8]).to_numpy()
     np.testing.assert_allclose(compiled.values[:, moments], reference.values[:, moments], rtol=1e-9)
     np.testing.assert_array_equal(compiled.values[:, ~moments], reference.values[:, ~moments])
-    # The comparison covers values above 100 too: from layer 11 every example's residual stream holds some.
+    # The comparison covers values above 100 too: from layer 11 every example's residual stream contains some.
     assert compiled.column(mask="causal", hook="blocks.11.hook_resid_post", span="example",
                            statistic="max_abs").min() > 100

@@ -117,8 +117,8 @@ def test_sigkill_resume_is_identical(tmp_path):
     assert process.poll() is None, "the run finished before it could be killed; use smaller chunks"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    # A chunk is finished once its parquet file exists (the side file is written first); an unfinished one
-    # may be recomputed, which the next assertion would misread as wasted work.
+    # A chunk is finished once its parquet file exists, because the side file is written first. An unfinished
+    # chunk may be recomputed, which the next assertion would misread as wasted work.
     finished = list((resumed / "cache").glob("*/chunk-*.parquet"))
     before = {path: path.stat().st_mtime_ns for chunk in finished for path in (chunk, Path(f"{chunk}.json"))}
     assert before

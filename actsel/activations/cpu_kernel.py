@@ -39,11 +39,63 @@ N_BINS = 1 << (31 - BIN_SHIFT)
 N_STATISTICS = 14  # the kernel writes hooks.STATISTICS by index, in that order
 
 
-def _row_statistics(values, values32, bits, spans, origin, out, nonfinite, row):  # pragma: no cover - compiled
-    """Fill ``out[:, :, row]`` and ``nonfinite[:, row]``; see ``span_statistics_cpu`` for the layout.
+def _span_median(values32, bits, spans, span, row, n, histogram):  # pragma: no cover - compiled
+    """Return the exact median of the ``n`` in-span magnitudes of one row, as ``numpy.median`` defines it.
 
-    Moments come from ``values`` (float32 or float64); maxima, medians and
-    counts from ``values32`` and its bit patterns ``bits``, as in the tensor version.
+    A histogram of the bit patterns finds the bins of the two middle values, then only the values in
+    those bins are sorted. ``histogram`` is scratch space of ``N_BINS`` counts.
+    """
+    width, d = bits.shape[1], bits.shape[2]
+    histogram[:] = 0
+    for pos in range(width):
+        if spans[span, row, pos]:
+            for j in range(d):
+                histogram[(bits[row, pos, j] & 0x7FFFFFFF) >> BIN_SHIFT] += 1
+    low_rank = (n - 1) // 2
+    high_rank = n // 2
+    cumulative = 0
+    low_bin = -1
+    high_bin = -1
+    below = 0
+    for b in range(N_BINS):
+        if low_bin < 0 and cumulative + histogram[b] > low_rank:
+            low_bin = b
+            below = cumulative
+        cumulative += histogram[b]
+        if cumulative > high_rank:
+            high_bin = b
+            break
+    middle = np.empty(cumulative - below, dtype=np.float32)
+    filled = 0
+    for pos in range(width):
+        if spans[span, row, pos]:
+            for j in range(d):
+                b = (bits[row, pos, j] & 0x7FFFFFFF) >> BIN_SHIFT
+                if b >= low_bin and b <= high_bin:
+                    middle[filled] = abs(values32[row, pos, j])
+                    filled += 1
+    middle.sort()
+    return (np.float64(middle[low_rank - below]) + np.float64(middle[high_rank - below])) / 2
+
+
+def _count_massive(values32, spans, span, row, token_above, median):  # pragma: no cover - compiled
+    """Count the in-span values above ``MASSIVE_MIN_ABS`` and at least ``MASSIVE_MIN_RATIO`` times the median."""
+    count = 0
+    threshold = MASSIVE_MIN_RATIO * median
+    for pos in range(values32.shape[1]):
+        if spans[span, row, pos] and token_above[pos] > 0:  # only tokens with a value above the threshold
+            for j in range(values32.shape[2]):
+                magnitude = np.float64(abs(values32[row, pos, j]))
+                if magnitude > MASSIVE_MIN_ABS and magnitude >= threshold:
+                    count += 1
+    return count
+
+
+def _row_statistics(values, values32, bits, spans, origin, out, nonfinite, row):  # pragma: no cover - compiled
+    """Fill ``out[:, :, row]`` and ``nonfinite[:, row]`` in the layout of ``span_statistics_cpu``.
+
+    Moments come from ``values`` (float32 or float64). Maxima, medians and
+    counts come from ``values32`` and its bit patterns ``bits``, as in the tensor version.
     """
     n_spans, _, width = spans.shape
     d = values.shape[2]
@@ -102,7 +154,8 @@ def _row_statistics(values, values32, bits, spans, origin, out, nonfinite, row):
             if spans[span, row, pos]:
                 tokens += 1
                 mean_sum += token_mean[pos]
-                # A float64 sum of float32 values is finite if and only if they all are.
+                # The float64 sum of a token's values is not finite if one of them is not, and float32
+                # values cannot overflow it.
                 if not math.isfinite(token_mean[pos]):
                     finite = False
         nonfinite[span, row] = not finite
@@ -141,6 +194,7 @@ def _row_statistics(values, values32, bits, spans, origin, out, nonfinite, row):
                 span_max_at = pos
             count_above += token_above[pos]
         n = tokens * d
+        # The indices below follow hooks.STATISTICS.
         out[span, 0, row] = mean
         out[span, 1, row] = m2 / n
         if m2 > 0:
@@ -152,53 +206,16 @@ def _row_statistics(values, values32, bits, spans, origin, out, nonfinite, row):
         for k in range(4):
             out[span, 4 + k, row] = averages[k] / tokens
 
-        # Exact median of the span's magnitudes: a histogram of the bit patterns finds the bin of each
-        # middle value, then only the values in those bins are sorted.
-        histogram[:] = 0
-        for pos in range(width):
-            if spans[span, row, pos]:
-                for j in range(d):
-                    histogram[(bits[row, pos, j] & 0x7FFFFFFF) >> BIN_SHIFT] += 1
-        low_rank = (n - 1) // 2
-        high_rank = n // 2
-        cumulative = 0
-        low_bin = -1
-        high_bin = -1
-        below = 0
-        for b in range(N_BINS):
-            if low_bin < 0 and cumulative + histogram[b] > low_rank:
-                low_bin = b
-                below = cumulative
-            cumulative += histogram[b]
-            if cumulative > high_rank:
-                high_bin = b
-                break
-        middle = np.empty(cumulative - below, dtype=np.float32)
-        filled = 0
-        for pos in range(width):
-            if spans[span, row, pos]:
-                for j in range(d):
-                    b = (bits[row, pos, j] & 0x7FFFFFFF) >> BIN_SHIFT
-                    if b >= low_bin and b <= high_bin:
-                        middle[filled] = abs(values32[row, pos, j])
-                        filled += 1
-        middle.sort()
-        median = (np.float64(middle[low_rank - below]) + np.float64(middle[high_rank - below])) / 2
-
-        count_massive = 0
-        threshold = MASSIVE_MIN_RATIO * median
-        for pos in range(width):
-            if spans[span, row, pos] and token_above[pos] > 0:
-                for j in range(d):
-                    magnitude = np.float64(abs(values32[row, pos, j]))
-                    if magnitude > MASSIVE_MIN_ABS and magnitude >= threshold:
-                        count_massive += 1
+        median = _span_median(values32, bits, spans, span, row, n, histogram)
+        count_massive = _count_massive(values32, spans, span, row, token_above, median)
         out[span, 8, row] = span_max
         out[span, 9, row] = span_max / median
         out[span, 10, row] = count_above
         out[span, 11, row] = count_massive
         out[span, 12, row] = span_max_at - origin[row]
         out[span, 13, row] = token_argmax[span_max_at]
+
+
 
 
 def _all_rows(values, values32, bits, spans, origin, out, nonfinite):  # pragma: no cover - compiled
@@ -213,6 +230,8 @@ if numba is not None:
     # This preference applies to the whole process, so it is skipped when the user chose a layer.
     if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    _span_median = numba.njit(cache=True, error_model="numpy")(_span_median)
+    _count_massive = numba.njit(cache=True, error_model="numpy")(_count_massive)
     _row_kernel = numba.njit(cache=True, error_model="numpy")(_row_statistics)
     _compiled = numba.njit(parallel=True, cache=True, error_model="numpy")(_all_rows)
 else:  # pragma: no cover
@@ -257,7 +276,9 @@ def span_statistics_cpu(
     if masks.ndim != 3 or masks.shape[1:] != (batch, width):
         raise ValueError(f"Span masks have shape {tuple(masks.shape)}; expected (span, batch={batch}, pos={width}) "
                          "to match the activations.")
-    origin = origin.to(torch.int64).expand(batch).contiguous().numpy()
+    if origin.numel() not in (1, batch):
+        raise ValueError(f"origin has {origin.numel()} positions; expected one per row (batch={batch}) or a single one.")
+    origin = origin.to(torch.int64).reshape(-1).expand(batch).contiguous().numpy()
     n_spans = masks.shape[0]
     out = np.empty((n_spans, n_statistics, batch), dtype=np.float64)
     nonfinite = np.zeros((n_spans, batch), dtype=np.bool_)

@@ -1,9 +1,9 @@
 """Per-row median of the activation magnitudes in a span, without sorting the span.
 
 ``span_median`` is exact: for each row it returns what ``numpy.median``
-returns for the float32 magnitudes of its in-span values. A histogram over the top bits of the values' float32 bit
-patterns finds the bin that contains each middle value; only the values in that
-bin, a few percent of the span, are sorted.
+returns for the float32 magnitudes of its in-span values. A histogram over the
+top bits of the values' float32 bit patterns finds the bin that contains each
+middle value. Only the values in that bin, a few percent of the span, are sorted.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SMALL_SPAN_VALUES = 1024  # up to this many values per row, select directly inst
 def _select_small(
     bits: Int[torch.Tensor, "batch pos d"], in_span: Bool[torch.Tensor, "batch pos"], longest: int
 ) -> tuple[Float[torch.Tensor, " batch"], Float[torch.Tensor, " batch"]]:
-    """Lower and upper middle values of each row, selected in a NaN-padded (batch, longest x d) copy."""
+    """Return the lower and upper middle values of each row, selected in a NaN-padded (batch, longest x d) copy."""
     batch, _, d = bits.shape
     row = in_span.nonzero()[:, 0]
     slot = (in_span.cumsum(-1) - 1)[in_span]
@@ -38,7 +38,7 @@ def span_median(
     in_span: Bool[torch.Tensor, "batch pos"],
     workspace: Workspace | None = None,
 ) -> Float[torch.Tensor, " batch"]:
-    """Median of each row's in-span values as ``numpy.median`` defines it (float64; NaN for an empty span).
+    """Return the median of each row's in-span values as ``numpy.median`` defines it (float64; NaN for an empty span).
 
     Args:
         bits: int32 bit patterns of non-negative float32 magnitudes, which
@@ -61,13 +61,14 @@ def span_median(
     workspace = workspace if workspace is not None else Workspace()
     token_row = in_span.nonzero()[:, 0]  # row of each in-span token, ascending
     tokens = token_row.numel()
-    flat = bits.view(-1, d)
+    flat = bits.reshape(-1, d)
     span_bits = workspace.get("median_values", flat.shape, torch.int32, device)[:tokens]
     torch.index_select(flat, 0, in_span.reshape(-1).nonzero()[:, 0], out=span_bits)
     # Row r counts into bins [r * MEDIAN_BINS, (r + 1) * MEDIAN_BINS).
+    row_start = token_row.to(torch.int32) * MEDIAN_BINS  # (tokens,)
     binned = workspace.get("median_bins", flat.shape, torch.int32, device)[:tokens]
     torch.bitwise_right_shift(span_bits, MEDIAN_BIN_SHIFT, out=binned)
-    binned.add_((token_row.to(torch.int32) * MEDIAN_BINS)[:, None])
+    binned.add_(row_start[:, None])
     histogram = torch.bincount(binned.view(-1), minlength=batch * MEDIAN_BINS)
     cumulative = histogram.reshape(batch, MEDIAN_BINS).cumsum(-1)
 
@@ -76,13 +77,12 @@ def span_median(
     low_bin = torch.searchsorted(cumulative, low_rank[:, None], right=True).clamp_max(MEDIAN_BINS - 1)[:, 0]
     high_bin = torch.searchsorted(cumulative, high_rank[:, None], right=True).clamp_max(MEDIAN_BINS - 1)[:, 0]
     below = torch.where(low_bin > 0, cumulative.gather(1, (low_bin - 1).clamp_min(0)[:, None])[:, 0], 0)
-    token_row32 = token_row.to(torch.int32)[:, None]
-    first_bin = low_bin.to(torch.int32)[token_row] + token_row32[:, 0] * MEDIAN_BINS  # (tokens,): global bin per token
+    first_bin = low_bin.to(torch.int32)[token_row] + row_start  # (tokens,): the global bin of each token's row
     chosen = workspace.get("median_chosen", flat.shape, torch.bool, device)[:tokens]
     if bool((low_bin == high_bin).all()):  # the usual case: both middle values share a bin
         torch.eq(binned, first_bin[:, None], out=chosen)
     else:
-        last_bin = high_bin.to(torch.int32)[token_row] + token_row32[:, 0] * MEDIAN_BINS
+        last_bin = high_bin.to(torch.int32)[token_row] + row_start
         torch.ge(binned, first_bin[:, None], out=chosen)
         chosen &= binned <= last_bin[:, None]
     token, column = chosen.nonzero(as_tuple=True)

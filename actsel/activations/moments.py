@@ -120,7 +120,7 @@ def token_moments(
 
     Args:
         activations: values of any floating dtype; never modified.
-        workspace: holds the two float64 scratch copies between calls; fresh ones when ``None``.
+        workspace: keeps the two float64 scratch copies between calls; fresh ones when ``None``.
 
     Returns:
         ``(mean, m2, m3, m4)``, each of shape (batch, pos) and dtype float64.
