@@ -98,6 +98,12 @@ def test_run_writes_every_output(tmp_path):
     assert "Selection of demonstrations" in report
     assert "<script src=\"http" not in report
     assert len(report) > 1_000_000, "plotly.js should be inlined"
+    curves = (output / "figures" / "learning_curves.html").read_text()
+    assert "Selective annotation on demo: accuracy against budget" in curves
+    # A second run finds every chunk cached and must still name the task and the metric.
+    assert main(["run", *TINY_RUN, "--output", str(output)]) == 0
+    curves = (output / "figures" / "learning_curves.html").read_text()
+    assert "Selective annotation on demo: accuracy against budget" in curves
 
 
 def test_sigkill_resume_is_identical(tmp_path):

@@ -156,6 +156,8 @@ def test_learning_curves_band(tmp_path):
     table = results.table()
     votek = table[table.strategy == "votek"].sort_values("budget")
     band, line = [trace for trace in figure.data if trace.legendgroup == "votek"]
+    assert band.mode == "lines"  # plotly's default would mark the band's corners as points
+    assert f"on {results.metadata['task']}:" in figure.layout.title.text
     np.testing.assert_allclose(line.y, votek["mean"])
     upper = np.asarray(band.y[:2])
     lower = np.asarray(band.y[2:])[::-1]

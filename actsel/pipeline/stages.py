@@ -252,8 +252,10 @@ class Run:
             load=lambda path: SelectionResults(pd.read_parquet(path), metric=""),
             description="Selection strategies", progress=self.progress,
         )
-        metric = next((part.metric for part in parts if part.metric), "")
-        results = SelectionResults(pd.concat([part.raw for part in parts], ignore_index=True), metric=metric)
+        raw = pd.concat([part.raw for part in parts], ignore_index=True)
+        # Chunks loaded from the cache carry only their rows, so the metric comes from the rows themselves.
+        metric = str(raw["metric"].iloc[0]) if len(raw) else ""
+        results = SelectionResults(raw, metric, {"task": self.task.name})
         table = results.table()
         with atomic_path(self.output / "selection.csv") as tmp:
             table.to_csv(tmp, index=False)

@@ -41,7 +41,7 @@ def learning_curves(results: "SelectionResults", title: str | None = None) -> go
         if group["n_seeds"].max() > 1:
             figure.add_trace(go.Scatter(
                 x=np.concatenate([budgets, budgets[::-1]]), y=np.concatenate([mean + std, (mean - std)[::-1]]),
-                fill="toself", fillcolor=_rgba(color, 0.15), line={"width": 0}, hoverinfo="skip",
+                mode="lines", fill="toself", fillcolor=_rgba(color, 0.15), line={"width": 0}, hoverinfo="skip",
                 showlegend=False, legendgroup=strategy, name=f"{strategy} ± sd",
             ))
         figure.add_trace(go.Scatter(
@@ -49,9 +49,10 @@ def learning_curves(results: "SelectionResults", title: str | None = None) -> go
             line={"color": color}, customdata=np.stack([std, group["n_seeds"].to_numpy()], axis=1),
             hovertemplate="budget %{x}<br>mean %{y:.3f}<br>sd %{customdata[0]:.3f}<br>seeds %{customdata[1]}",
         ))
-    task = results.metadata.get("task", "")
+    task = results.metadata.get("task")
+    on_task = f" on {task}" if task else ""
     figure.update_layout(
-        title=title or f"Selective annotation on {task}: {results.metric} against budget",
+        title=title or f"Selective annotation{on_task}: {results.metric} against budget",
         xaxis_title="annotation budget", yaxis_title=f"{results.metric} (mean over seeds)",
         template="plotly_white",
     )
