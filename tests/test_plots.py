@@ -164,6 +164,7 @@ def test_scatter_rejects_bad_input(table, utility):
 def test_moment_distributions_values(table):
     fig = moment_distributions(table, statistic="mean", hook="hook_resid_post", mask="isolated")
     assert len(fig.data) == 1
+    assert fig.layout.title.text.endswith("examples: isolated / hook_resid_post / example")
     assert sorted(set(fig.data[0].x)) == [0, 1, 2]
     fig = moment_distributions(table, statistic="mean", hook="blocks.0.hook_resid_post")
     assert sorted(set(fig.data[0].x)) == [0]

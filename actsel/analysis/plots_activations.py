@@ -87,8 +87,12 @@ def moment_distributions(
         name = " / ".join(escape_text(part) for part in (combo.mask, combo.hook, combo.span))
         fig.add_trace(trace_type(x=x[keep], y=values.ravel()[keep], text=text[keep], name=name))
 
+    if title is None:
+        title = f"{statistic} per layer over {selected.n_examples} examples"
+        if len(combos) == 1:  # plotly shows no legend for one trace, so the title names it
+            title += ": " + " / ".join(str(part) for part in combos.iloc[0])
     fig.update_layout(
-        title=escape_text(title if title is not None else f"{statistic} per layer over {selected.n_examples} examples"),
+        title=escape_text(title),
         xaxis_title="layer",
         yaxis_title=escape_text(statistic),
         template="plotly_white",
